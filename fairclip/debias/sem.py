@@ -19,8 +19,8 @@ Variants (which side information each uses):
 
 * ``i``  (SEM_i):  class paraphrases only; ``z_q`` is the median latent of the paraphrases of
   the class the input matches, no bias prompts (``b = 0``, ``M = c^2``);
-* ``b``  (SEM_b):  bias prompts only, no per-query content term (``c = 0``, so
-  ``M = (1 - b)^2``): the same latent-wise modulation for every input;
+* ``b``  (SEM_b):  bias prompts, content score on the input's own latent,
+  ``M = (1 + c - b)^2``;
 * ``bi`` (SEM_bi): both: bias score and paraphrase-median content, ``M = (1 + c - b)^2``.
 
 An input that matches no class (cosine to every stored paraphrase below
@@ -142,10 +142,9 @@ class SEM(Intervention):
         return torch.where(matched[:, None], self.class_latents[self.key_owner[idx]], z)
 
     def modulation(self, emb_unit: Tensor, z: Tensor) -> Tensor:
-        """``M`` [N, L]: ``c^2`` (SEM_i), ``(1 - b)^2`` (SEM_b) or ``(1 + c - b)^2`` (SEM_bi)."""
-        if self.variant == "b":
-            return (1.0 - self.bias).square().expand_as(z)
-        c = content_score(self.ref_sorted, self.query_latents(emb_unit, z))
+        """``M`` [N, L]: ``c^2`` (SEM_i) or ``(1 + c - b)^2`` (SEM_b, SEM_bi)."""
+        z_q = z if self.variant == "b" else self.query_latents(emb_unit, z)
+        c = content_score(self.ref_sorted, z_q)
         if self.variant == "i":
             return c.square()
         return (1.0 + c - self.bias).square()
