@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,3 +207,29 @@ def test_callback_config_and_both_modes(demo: dict, synthetic_dir: Path, tmp_pat
     during.on_fit_end(trainer, module)
     loaded = DebiasedCLIP.load(tmp_path / "during")
     assert len(loaded.image) == 1 and len(loaded.text) == 0
+
+
+def test_joint_during_a_real_fit(synthetic_dir: Path, tmp_path: Path) -> None:
+    """`fairclip-train callbacks=joint callbacks.joint.mode=during`: the heads are stepped on
+    every training batch of a real Lightning fit, logged, scored per epoch and saved."""
+    from fairclip.train import train
+
+    overrides = small_run_overrides(
+        synthetic_dir,
+        "callbacks=joint",
+        "callbacks.joint.mode=during",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=1",
+    )
+    train(compose_train(overrides, tmp_path))
+    history = json.loads((tmp_path / "joint_heads" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0.0, 1.0]
+    assert all(0.0 <= h["acc"] <= 1.0 and math.isfinite(h["able@10"]) for h in history)
+    rows = list(csv.DictReader(next(tmp_path.glob("csv/**/metrics.csv")).open()))
+    losses = [float(r["joint/loss"]) for r in rows if r.get("joint/loss")]
+    assert losses and all(math.isfinite(v) and v >= 0 for v in losses)
+    loaded = DebiasedCLIP.load(tmp_path / "joint_heads")
+    assert len(loaded.text) == len(loaded.image) == 1
+    # stepped: the zero-initialised last layer of the shared MLP2 moved
+    assert loaded.text[0].mlp2[2].weight.abs().sum() > 0
