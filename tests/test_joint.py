@@ -148,6 +148,9 @@ def test_debiased_clip_with_joint_heads_saves_and_loads(
     }
     model = build_joint(bundle, context)
     assert isinstance(model, DebiasedCLIP) and len(model.text) == len(model.image) == 1
+    # the loss knobs reach the trainer: alpha=1 (L_cd only) fits other heads
+    cd_only = build_joint(bundle, {**context, "alpha": 1.0})
+    assert not torch.allclose(cd_only.text[0].mlp2[2].weight, model.text[0].mlp2[2].weight)
     images = torch.randn(4, 3, 32, 32)
     tokens = bundle.tokenizer(["a photo of a nurse.", "a man at work."])
     model.save(tmp_path / "joint")

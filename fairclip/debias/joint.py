@@ -489,6 +489,11 @@ def _build(bundle: Any, context: Mapping[str, Any], variant: str) -> DebiasedCLI
         epochs=int(context.get("epochs", 10)),
         hidden=int(context.get("hidden", 256)),
         lr=float(context.get("lr", 1e-3)),
+        loss=JointLossConfig(
+            alpha=float(context.get("alpha", 0.3)),
+            tau=float(context.get("tau", 0.07)),
+            queue_size=int(context.get("queue_size", 1024)),
+        ),
         max_samples=context.get("max_samples"),
         seed=int(context.get("seed", 0)),
     )
@@ -503,7 +508,7 @@ def build_joint(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
     ``spec`` (EvalSpec) required; ``spec`` + ``splits`` (or ``eval_shards``
     [+ ``neutral_shards``]) turn on best-epoch selection by ABLE; optional ``attribute``
     ("gender"), ``swaps`` (lexicon), ``epochs`` (10), ``hidden`` (256), ``lr`` (1e-3),
-    ``max_samples``, ``seed``.
+    ``alpha`` (0.3), ``tau`` (0.07), ``queue_size`` (1024), ``max_samples``, ``seed``.
     """
     return _build(bundle, context, "joint")
 
