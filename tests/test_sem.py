@@ -194,6 +194,12 @@ def test_method_registry_and_errors(demo_run: Path, synthetic_dir: Path, tmp_pat
             run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[nope]"))
         with pytest.raises(ValueError, match="attribute="):
             run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "attribute=race"))
+        with pytest.raises(ValueError, match="recall_k=0: expected a positive integer"):
+            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "recall_k=0"))
+        bad_k = _compare_cfg(demo_run, synthetic_dir, tmp_path)
+        bad_k.table_k = "ten"
+        with pytest.raises(ValueError, match="table_k='ten': expected a positive integer"):
+            run(bad_k)
         result = run(
             _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip,_test_identity]")
         )

@@ -330,6 +330,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}, registered: {sorted(METHODS)}")
+    for key in ("table_k", "recall_k"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key}={value!r}: expected a positive integer")
     spec = spec_from_cfg(_eval_view(cfg))
     if cfg.attribute not in spec.attributes:
         raise ValueError(f"attribute={cfg.attribute!r}: expected one of {list(spec.attributes)}")

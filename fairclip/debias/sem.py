@@ -143,8 +143,8 @@ class SEM(Intervention):
 
     def modulation(self, emb_unit: Tensor, z: Tensor) -> Tensor:
         """``M`` [N, L]: ``c^2`` (SEM_i) or ``(1 + c - b)^2`` (SEM_b, SEM_bi)."""
-        z_q = z if self.variant == "b" else self.query_latents(emb_unit, z)
-        c = content_score(self.ref_sorted, z_q)
+        # SEM_b stores no paraphrases (fit_sem), so its z_q is the input's own latent
+        c = content_score(self.ref_sorted, self.query_latents(emb_unit, z))
         if self.variant == "i":
             return c.square()
         return (1.0 + c - self.bias).square()
