@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ def _configure_wandb(cfg: DictConfig) -> None:
     wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
     if not wandb_cfg:
         return
+    if SLURMEnvironment.detect() and os.environ.pop("WANDB_SERVICE", None):
+        # wandb hands its service token to child processes through this variable; a Slurm job
+        # inherits it from whatever process ran sbatch (a notebook, a test, a sweep driver),
+        # and logging into that foreign service hangs once it goes away. Start our own.
+        log.info("ignoring WANDB_SERVICE inherited from the submitting process")
     with open_dict(wandb_cfg):
         if wandb_cfg.get("id") is None:
             wandb_cfg.id = stable_id(str(Path(cfg.paths.output_dir).resolve()))

@@ -94,15 +94,20 @@ start_munge() {
     die "munged did not start (see /var/log/munge/munged.log)"
 }
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid file names a live process of that daemon (a stale pid may now belong to something else)
+running() {
+    [ -s "$DIR/$1.pid" ] && [ "$(cat "/proc/$(cat "$DIR/$1.pid")/comm" 2>/dev/null)" = "$1" ]
+}
 
 start() {
     [ "$(id -u)" = 0 ] || die "starting slurmd needs root"
     command -v slurmctld >/dev/null || die "Slurm is not installed: run '$0 install' first"
     write_conf
     start_munge
-    running "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
-    running "$DIR/slurmd.pid" || slurmd -f "$CONF" -N localhost
+    # -c: a fresh start forgets saved jobs. Without it, jobs whose processes died with the
+    # machine (or a killed test run) come back as RUNNING and hold the node's CPUs for good.
+    running slurmctld || slurmctld -c -f "$CONF"
+    running slurmd || slurmd -c -f "$CONF" -N localhost
     for _ in $(seq 100); do
         state=$(sinfo -h -N -o %t 2>/dev/null | head -1 || true)
         case "$state" in
@@ -120,7 +125,7 @@ start() {
 
 stop() {
     for daemon in slurmd slurmctld; do
-        if running "$DIR/$daemon.pid"; then
+        if running "$daemon"; then
             kill "$(cat "$DIR/$daemon.pid")"
         fi
     done

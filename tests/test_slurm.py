@@ -38,6 +38,7 @@ TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 BIN = Path(sys.executable).parent
 # 4 epochs x 3 steps on 2 ranks: long enough to signal mid-run, short enough for 2 loaded cores
 EPOCHS, STEPS = 4, 3
+DEAD_WANDB_SERVICE = "3-1-tcp-localhost-9"  # wandb's token format; nothing listens on port 9
 FINAL_STEP = EPOCHS * STEPS
 
 
@@ -62,7 +63,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not (k.startswith(("SLURM_", "SRUN_", "SBATCH_")) or k == RUN_ID_ENV)
+        if not (k.startswith(("SLURM_", "SRUN_", "SBATCH_")) or k in (RUN_ID_ENV, "WANDB_SERVICE"))
     }
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -300,14 +301,18 @@ def slurm_env() -> Iterator[dict[str, str]]:
         pytest.skip("installing and starting a local Slurm cluster needs root")
     state = Path(os.environ.get("FAIRCLIP_SLURM_DIR", "/tmp/fairclip-slurm"))
     pid = state / "slurmctld.pid"
-    was_running = pid.is_file() and Path(f"/proc/{pid.read_text().strip()}").exists()
+    comm = Path(f"/proc/{pid.read_text().strip()}/comm") if pid.is_file() else None
+    was_running = comm is not None and comm.exists() and comm.read_text().strip() == "slurmctld"
     for step, limit in (("install", 1200), ("start", 120)):
         proc = subprocess.run(
             [str(CLUSTER), step], capture_output=True, text=True, timeout=limit, env=clean_env()
         )
         if proc.returncode:
             pytest.fail(f"slurm/cluster.sh {step} failed:\n{proc.stdout}{proc.stderr}")
-    yield clean_env(SLURM_CONF=str(state / "slurm.conf"))
+    # Jobs inherit the submitter's environment. A wandb service token left there by an earlier
+    # in-process wandb run once made a job log into pytest's service and hang (CI, stop 9);
+    # this dead one makes every job prove that fairclip-train starts its own service.
+    yield clean_env(SLURM_CONF=str(state / "slurm.conf"), WANDB_SERVICE=DEAD_WANDB_SERVICE)
     if not was_running:
         subprocess.run([str(CLUSTER), "stop"], timeout=60, env=clean_env())
 
@@ -319,19 +324,29 @@ def job_info(env: dict[str, str], job: str) -> dict[str, str]:
 
 
 def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, log: Path | None = None
+    check: Callable[[], bool],
+    timeout: float,
+    what: str | Callable[[], str],
+    log: Path | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             tail = log.read_text()[-4000:] if log and log.exists() else ""
+            what = what() if callable(what) else what
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
         time.sleep(0.25)
 
 
 def wait_for_job(env: dict[str, str], job: str, log: Path, timeout: float = 420) -> dict:
     done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    wait_until(lambda: job_info(env, job)["JobState"] in done, timeout, f"job {job}", log)
+
+    def what() -> str:  # at the timeout: a job stuck PENDING says why (e.g. Resources)
+        info = job_info(env, job)
+        queue = subprocess.run(["squeue"], env=env, capture_output=True, text=True).stdout
+        return f"job {job} ({info['JobState']}, reason {info.get('Reason')}); queue:\n{queue}"
+
+    wait_until(lambda: job_info(env, job)["JobState"] in done, timeout, what, log)
     info = job_info(env, job)
     assert info["JobState"] == "COMPLETED", f"job {job}: {info['JobState']}\n" + log.read_text()[-4000:]  # fmt: skip
     return info
