@@ -93,11 +93,19 @@ def test_group_balancing_leaves_the_association_m4_removes(
 
 
 def test_infeasible_missing_and_unknown_inputs_are_clear_errors(
-    synthetic_dir: Path, tmp_path: Path
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = balance_cfg("balance.eta=0.9", f"balance.output={tmp_path / 'x'}")
     with pytest.raises(M4InfeasibleError, match=r"infeasible.*eta"):
         balance_shards(cfg, str(synthetic_dir / "train"))
+    # another rank of the same job gets rank 0's error instead of waiting for its shards forever
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"rank 0 failed to write .*x.*M4InfeasibleError.*eta"):
+        balance_shards(cfg, str(synthetic_dir / "train"))
+    monkeypatch.setenv("RANK", "0")  # a retry on rank 0 clears the marker
+    with pytest.raises(M4InfeasibleError):
+        balance_shards(cfg, str(synthetic_dir / "train"))
+    assert (tmp_path / "x.failed").is_file() and not (tmp_path / "x").exists()
     annotator = Annotator(
         {"gender": ["female", "male"]}, ["doctor", "nurse"], label_fields=["concept"]
     )

@@ -119,6 +119,7 @@ def test_two_process_ddp_on_cpu_sees_disjoint_data(synthetic_dir: Path, tmp_path
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "export" / "open_clip_model.safetensors").is_file()
     assert "val/acc" in last_metrics(out)
+    assert "sync_dist" not in proc.stderr  # metrics synced by torchmetrics, logged without nagging
     # one run dir, one config: DDP children must not create their own
     assert len(list(tmp_path.glob("**/.hydra/config.yaml"))) == 1
 

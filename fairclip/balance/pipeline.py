@@ -95,7 +95,8 @@ def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
     """Balance ``input_spec`` shards per ``cfg`` (the ``balance`` group); return the output dir.
 
     Reuses an existing output with the same settings. Under multi-process launches only global
-    rank 0 writes; the other ranks wait for its ``sizes.json``.
+    rank 0 writes; the other ranks wait for its ``sizes.json``, or fail with its error if it
+    failed (a ``<out>.failed`` marker), instead of waiting until the job's time limit.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"balance.method={cfg.method!r}: expected one of {METHODS}")
@@ -103,11 +104,34 @@ def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
     if (out / "sizes.json").exists():
         log.info("reusing balanced shards in %s", out)
         return out
+    failed = out.with_name(out.name + ".failed")
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank != 0:
-        while not (out / "sizes.json").exists():
-            time.sleep(2)
-        return out
+        return _wait_for_rank0(out, failed)
+    failed.unlink(missing_ok=True)
+    try:
+        _balance(cfg, input_spec, out)
+    except BaseException as err:  # the waiting ranks read this instead of hanging
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"{type(err).__name__}: {err}\n")
+        raise
+    return out
+
+
+def _wait_for_rank0(out: Path, failed: Path, poll_s: float = 2.0) -> Path:
+    """Block until rank 0 has written ``out/sizes.json``; raise if it left a failure marker."""
+    while not (out / "sizes.json").exists():
+        if failed.exists():
+            raise RuntimeError(
+                f"balance: rank 0 failed to write {out} ({failed.read_text().strip()}); "
+                f"see its log, fix the cause and delete {failed}"
+            )
+        time.sleep(poll_s)
+    return out
+
+
+def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
+    """Annotate, solve, sample and write the balanced shards and their report (rank 0)."""
     shards = list_shards(input_spec, "balance.input")
     annotator = Annotator(
         cfg.attributes,
@@ -136,7 +160,6 @@ def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
     log.info(
         "balanced %d -> %d samples into %s (report: %s)", len(keep), keep.sum(), out, report_dir
     )
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="balance")

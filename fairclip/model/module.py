@@ -223,6 +223,8 @@ class FairCLIPModule(L.LightningModule):
         metrics.update(self.zero_shot.compute())
         metrics.update(self.recall.compute())
         metrics.update(self.skew.compute())
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        # torchmetrics already synced these in compute(), so every rank holds the same values;
+        # sync_dist=True averages identical numbers (exact) and stops Lightning's per-key warning
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         for metric in (self.val_loss, self.zero_shot, self.recall, self.skew):
             metric.reset()
