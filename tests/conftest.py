@@ -20,7 +20,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4k biased train samples in 16 shards, a balanced eval split and a neutral split."""
+    """4k biased train samples in 16 shards, balanced eval and val splits, a neutral split."""
     out = tmp_path_factory.mktemp("synthetic")
     data_main(
         [
@@ -31,6 +31,7 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "eval_size=480",
             "eval_shard_size=60",
             "neutral_size=120",
+            "val_size=240",
             "synthetic.association=0.9",
         ]
     )

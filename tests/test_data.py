@@ -27,6 +27,11 @@ def read_labels(folder: Path) -> list[dict]:
     return [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)]
 
 
+def read_images(folder: Path) -> set[bytes]:
+    urls = [s.url for s in list_shards(folder)]
+    return {s["png"] for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
 def test_synthetic_is_seeded_and_biased_as_configured(synthetic_dir: Path) -> None:
     a = list(generate_samples("train", 50, SyntheticConfig(seed=3)))
     b = list(generate_samples("train", 50, SyntheticConfig(seed=3)))
@@ -54,6 +59,9 @@ def test_eval_split_is_exactly_balanced(synthetic_dir: Path) -> None:
     cells = Counter((lab["concept"], lab["gender"], lab["age"]) for lab in labels)
     assert len(cells) == len(CONCEPTS) * 2 * 3
     assert set(cells.values()) == {480 // 48}
+    val = read_labels(synthetic_dir / "val")  # balanced too, but other images than eval
+    assert set(Counter((lab["concept"], lab["gender"], lab["age"]) for lab in val).values()) == {5}
+    assert not read_images(synthetic_dir / "eval") & read_images(synthetic_dir / "val")
     neutral = read_labels(synthetic_dir / "neutral")
     assert all("concept" not in lab for lab in neutral)
     assert Counter(lab["gender"] for lab in neutral) == {"female": 60, "male": 60}

@@ -207,3 +207,26 @@ def test_method_registry_and_errors(demo_run: Path, synthetic_dir: Path, tmp_pat
         assert result["sae"] == {}  # no SEM row: no SAE trained
     finally:
         METHODS.pop("_test_identity")
+
+
+def test_joint_rows_select_their_epoch_on_the_held_out_split(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """The eval split is reported, val/ beside it chooses the joint heads' epoch (no leak)."""
+    fast = ["+context.epochs=2", "+context.max_samples=300"]
+    cfg = _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[joint_vl_text]", *fast)
+    result = run(cfg)
+    assert result["selected_on"] == str(synthetic_dir / "val")
+    assert (
+        f"selected by ABLE@10 on {synthetic_dir / 'val'}." in (tmp_path / "compare.md").read_text()
+    )
+    # choosing on the reported split itself is allowed, and flagged under the table
+    eval_dir = str(synthetic_dir / "eval")
+    on_eval = run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[joint_vl_text]",
+                               f"splits.select={eval_dir}", *fast))  # fmt: skip
+    assert on_eval["selected_on"] == eval_dir
+    assert "the reported split itself" in (tmp_path / "compare.md").read_text()
+    none = run(
+        _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]", "splits.select=null")
+    )
+    assert none["selected_on"] == eval_dir

@@ -24,7 +24,12 @@ def write_synthetic(cfg: DictConfig) -> dict[str, int]:
     synth = SyntheticConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.synthetic.items()}
     )
-    sizes = {"train": cfg.train_size, "eval": cfg.eval_size, "neutral": cfg.neutral_size}
+    sizes = {
+        "train": cfg.train_size,
+        "eval": cfg.eval_size,
+        "neutral": cfg.neutral_size,
+        "val": cfg.val_size,
+    }
     written = {}
     for split in cfg.splits:
         if split not in sizes:

@@ -13,7 +13,8 @@ name the groups), ``object_rate`` (how often the held object is visible: without
 members of a pair look alike, the ambiguity in which a model falls back on the demographic
 prior it learned, as real models do) and ``spurious_rate`` (background colour tied to the
 concept, for worst-group tests). The train split is biased; ``eval`` is uniform over
-gender × age × concept; ``neutral`` shows people with no occupation, for association tests.
+gender × age × concept (``val`` too, drawn apart, for selection); ``neutral`` shows people
+with no occupation, for association tests.
 Rendering is vectorised over a chunk of samples with numpy masks.
 """
 
@@ -199,23 +200,25 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def generate_samples(split: str, n: int, cfg: SyntheticConfig, chunk: int = 2048) -> Iterator[dict]:
-    """Yield WebDataset samples for ``split`` in {train, eval, neutral}.
+    """Yield WebDataset samples for ``split`` in {train, eval, neutral, val}.
 
     ``n`` is the sample count for ``train``; for the balanced splits it is rounded down to a
-    whole number of samples per grid cell.
+    whole number of samples per grid cell. ``val`` is drawn like ``eval`` from its own seed: a
+    held-out split for choices (epochs, hyper-parameters) that must not see the reported one.
     """
     cfg.validate()
-    split_seed = {"train": 0, "eval": 1, "neutral": 2}
+    split_seed = {"train": 0, "eval": 1, "neutral": 2, "val": 3}
     if split not in split_seed:
         raise ValueError(f"split={split!r}: expected one of {sorted(split_seed)}")
     rng = np.random.default_rng([cfg.seed, split_seed[split]])
     if split == "train":
         labels = sample_biased_labels(cfg, n, rng)
     else:
-        cells = 2 * len(AGES) * (len(CONCEPTS) if split == "eval" else 1)
+        with_concept = split in ("eval", "val")
+        cells = 2 * len(AGES) * (len(CONCEPTS) if with_concept else 1)
         if n < cells:
             raise ValueError(f"{split} split needs n >= {cells} (one per group cell), got {n}")
-        labels = balanced_labels(n // cells, with_concept=split == "eval", rng=rng)
+        labels = balanced_labels(n // cells, with_concept=with_concept, rng=rng)
     spurious = cfg.spurious_rate if split == "train" else 0.0
     total = len(labels["gender"])
     for start in range(0, total, chunk):

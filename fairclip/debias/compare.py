@@ -347,6 +347,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if run_dir is not None and run_dir.name == "export" and not (run_dir / SAE_FILE).exists():
         run_dir = run_dir.parent
     splits = _resolve_splits(cfg.splits.eval, cfg.splits.neutral)
+    select = _selection_split(cfg.splits.get("select", "auto"), splits["eval"])
     options = {
         "attributes": spec.attributes,
         "concepts": spec.concepts,
@@ -355,6 +356,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "splits": splits,
         "eval_shards": splits["eval"],
         "neutral_shards": splits["neutral"],
+        "select_shards": select,
         "train_shards": OmegaConf.select(
             cfg, "data.train_shards", throw_on_resolution_failure=False
         ),
@@ -381,11 +383,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             model.save(out_dir / "models" / name)
         log.info("%s: %s", name, rows[name])
     table = markdown_table(rows, ctx.sae_info)
+    selected_on = options["select_shards"] or splits["eval"]
+    if any(str(m).startswith("joint") for m in cfg.methods):
+        leaks = str(selected_on) == str(splits["eval"])
+        leak = " (the reported split itself: set splits.select)" if leaks else ""
+        table += f"\n\nJoint heads: epoch selected by ABLE@{cfg.table_k} on {selected_on}{leak}."
     result = {
         "model": str(cfg.model_path),
         "attribute": cfg.attribute,
         "target": cfg.target,
         "k": int(cfg.table_k),
+        "selected_on": selected_on,
         "rows": rows,
         "sae": ctx.sae_info,
         "metrics": reports,
@@ -395,6 +403,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "compare.json").write_text(json.dumps(result, indent=1))
     print(table)
     return result
+
+
+def _selection_split(select: Any, eval_shards: Any) -> Any:
+    """``splits.select``: where methods make choices (joint heads' epoch). ``auto`` is the eval
+    split's sibling ``val`` folder when there is one, else None (choices on the eval split)."""
+    if select != "auto":
+        return OmegaConf.to_container(select) if OmegaConf.is_config(select) else select
+    first = eval_shards[0] if isinstance(eval_shards, list | tuple) else eval_shards
+    sibling = Path(str(first)).parent / "val"
+    if Path(str(first)).is_dir() and sibling.is_dir() and sibling != Path(str(first)):
+        return str(sibling)
+    log.warning("splits.select: no val/ beside %s; joint heads select on the eval split", first)
+    return None
 
 
 def _eval_view(cfg: DictConfig) -> DictConfig:

@@ -23,8 +23,8 @@ Losses, on frozen (normalised) features of labelled image-caption pairs:
 * ``L = α L_cd + (1 − α) L_ba`` (α = 0.3). Image-only / text-only ablations drop ``L_ba``.
 
 :func:`fit_joint_heads` fits them after training (CLIP frozen) and keeps the epoch with the
-best ABLE = 2/(1/acc + 1/exp(−MaxSkew)) on the eval split; ``build_joint*`` are the
-comparison-table builders; :class:`fairclip.callbacks.joint.JointHeadsCallback` fits them
+best ABLE = 2/(1/acc + 1/exp(−MaxSkew)) on a selection split (a held-out one when given);
+``build_joint*`` are the comparison-table builders; :class:`fairclip.callbacks.joint.JointHeadsCallback` fits them
 during or at the end of fine-tuning.
 """
 
@@ -472,7 +472,10 @@ def _build(bundle: Any, context: Mapping[str, Any], variant: str) -> DebiasedCLI
             "joint heads context: expected 'train_shards' and 'attributes'+'concepts' or 'spec', "
             f"got keys {sorted(context)}"
         )
-    if spec is not None and splits is None and context.get("eval_shards") is not None:
+    if spec is not None and context.get("select_shards") is not None:
+        # a held-out split, so the reported eval split plays no part in choosing the epoch
+        splits = resolve_splits(context["select_shards"], "auto")
+    elif spec is not None and splits is None and context.get("eval_shards") is not None:
         splits = resolve_splits(context["eval_shards"], context.get("neutral_shards", "auto"))
     heads, _ = fit_joint_heads(
         bundle.model,
@@ -505,8 +508,9 @@ def build_joint(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
     """Comparison-table builder: joint text + image heads fitted on a frozen ``bundle.model``.
 
     ``context``: ``train_shards`` (labelled, captioned) and ``attributes``/``concepts`` or
-    ``spec`` (EvalSpec) required; ``spec`` + ``splits`` (or ``eval_shards``
-    [+ ``neutral_shards``]) turn on best-epoch selection by ABLE; optional ``attribute``
+    ``spec`` (EvalSpec) required; ``spec`` + ``select_shards`` (a held-out split), else
+    ``splits`` (or ``eval_shards`` [+ ``neutral_shards``]), turn on best-epoch selection by
+    ABLE; optional ``attribute``
     ("gender"), ``swaps`` (lexicon), ``epochs`` (10), ``hidden`` (256), ``lr`` (1e-3),
     ``alpha`` (0.3), ``tau`` (0.07), ``queue_size`` (1024), ``max_samples``, ``seed``.
     """
