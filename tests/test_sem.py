@@ -213,7 +213,11 @@ def test_joint_rows_select_their_epoch_on_the_held_out_split(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path
 ) -> None:
     """The eval split is reported, val/ beside it chooses the joint heads' epoch (no leak)."""
-    fast = ["+context.epochs=2", "+context.max_samples=300"]
+    fast = [
+        "+context.epochs=2",
+        "+context.max_samples=300",
+        f"data.train_shards={synthetic_dir}/train",
+    ]
     cfg = _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[joint_vl_text]", *fast)
     result = run(cfg)
     assert result["selected_on"] == str(synthetic_dir / "val")
