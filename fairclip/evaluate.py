@@ -375,12 +375,16 @@ def resolve_splits(eval_shards: Any, neutral: Any = "auto") -> dict[str, Any]:
     if OmegaConf.is_config(eval_shards):
         eval_shards = OmegaConf.to_container(eval_shards, resolve=True)
     if isinstance(neutral, str) and neutral == "auto":
-        neutral = None
-        first = eval_shards[0] if isinstance(eval_shards, list | tuple) else eval_shards
-        sibling = Path(str(first)).parent / "neutral"
-        if Path(str(first)).is_dir() and sibling.is_dir():
-            neutral = str(sibling)
+        neutral = sibling_split(eval_shards, "neutral")
     return {"eval": eval_shards, "neutral": neutral if neutral is not None else eval_shards}
+
+
+def sibling_split(shards: Any, name: str) -> str | None:
+    """The folder ``name`` beside a split given as a directory (``fairclip-data`` writes
+    train/, eval/, val/ and neutral/ side by side), if it exists and is not that split."""
+    first = Path(str(shards[0] if isinstance(shards, list | tuple) else shards))
+    sibling = first.parent / name
+    return str(sibling) if first.is_dir() and sibling.is_dir() and sibling != first else None
 
 
 def _stream(

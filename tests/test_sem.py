@@ -230,6 +230,8 @@ def test_joint_rows_select_their_epoch_on_the_held_out_split(
                                f"splits.select={eval_dir}", *fast))  # fmt: skip
     assert on_eval["selected_on"] == eval_dir
     assert "the reported split itself" in (tmp_path / "compare.md").read_text()
+    with pytest.raises(FileNotFoundError, match=r"splits.select"):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, f"splits.select={tmp_path}/nope"))
     none = run(
         _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]", "splits.select=null")
     )

@@ -40,11 +40,18 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fairclip.data.shards import list_shards
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
 from fairclip.debias.sem import fit_sem
-from fairclip.evaluate import encode_prompts, evaluate_model, resolve_device, spec_from_cfg
+from fairclip.evaluate import (
+    encode_prompts,
+    evaluate_model,
+    resolve_device,
+    sibling_split,
+    spec_from_cfg,
+)
 from fairclip.evaluate import resolve_splits as _resolve_splits
 from fairclip.model.factory import ModelBundle, load_model
 from fairclip.runtime import CONF_DIR
@@ -210,7 +217,6 @@ class CompareContext(Mapping[str, Any]):
 
     @torch.no_grad()
     def _image_embeddings(self, n: int) -> torch.Tensor:
-        from fairclip.data.shards import list_shards
         from fairclip.data.stream import ShardStream
         from fairclip.evaluate import CaptionCollate, SampleDecoder
 
@@ -408,14 +414,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _selection_split(select: Any, eval_shards: Any) -> Any:
     """``splits.select``: where methods make choices (joint heads' epoch). ``auto`` is the eval
     split's sibling ``val`` folder when there is one, else None (choices on the eval split)."""
+    if select is None:
+        return None
     if select != "auto":
-        return OmegaConf.to_container(select) if OmegaConf.is_config(select) else select
-    first = eval_shards[0] if isinstance(eval_shards, list | tuple) else eval_shards
-    sibling = Path(str(first)).parent / "val"
-    if Path(str(first)).is_dir() and sibling.is_dir() and sibling != Path(str(first)):
-        return str(sibling)
-    log.warning("splits.select: no val/ beside %s; joint heads select on the eval split", first)
-    return None
+        select = OmegaConf.to_container(select) if OmegaConf.is_config(select) else select
+        list_shards(select, "splits.select")  # a missing split fails now, naming this key
+        return select
+    found = sibling_split(eval_shards, "val")
+    if found is None:
+        log.warning("splits.select: no val/ beside %s; joint heads select on the eval split",
+                    eval_shards)  # fmt: skip
+    return found
 
 
 def _eval_view(cfg: DictConfig) -> DictConfig:

@@ -24,8 +24,9 @@ Losses, on frozen (normalised) features of labelled image-caption pairs:
 
 :func:`fit_joint_heads` fits them after training (CLIP frozen) and keeps the epoch with the
 best ABLE = 2/(1/acc + 1/exp(−MaxSkew)) on a selection split (a held-out one when given);
-``build_joint*`` are the comparison-table builders; :class:`fairclip.callbacks.joint.JointHeadsCallback` fits them
-during or at the end of fine-tuning.
+``build_joint*`` are the comparison-table builders;
+:class:`fairclip.callbacks.joint.JointHeadsCallback` fits them during or at the end of
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -510,8 +511,7 @@ def build_joint(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
     ``context``: ``train_shards`` (labelled, captioned) and ``attributes``/``concepts`` or
     ``spec`` (EvalSpec) required; ``spec`` + ``select_shards`` (a held-out split), else
     ``splits`` (or ``eval_shards`` [+ ``neutral_shards``]), turn on best-epoch selection by
-    ABLE; optional ``attribute``
-    ("gender"), ``swaps`` (lexicon), ``epochs`` (10), ``hidden`` (256), ``lr`` (1e-3),
+    ABLE; optional ``attribute`` ("gender"), ``swaps`` (lexicon), ``epochs`` (10), ``hidden`` (256), ``lr`` (1e-3),
     ``alpha`` (0.3), ``tau`` (0.07), ``queue_size`` (1024), ``max_samples``, ``seed``.
     """
     return _build(bundle, context, "joint")
