@@ -141,6 +141,24 @@ def test_compare_table(table: dict) -> None:
     assert rows["sem_i"]["acc"] >= clip["acc"] - 0.05
 
 
+def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:
+    saved = json.loads((table["out"] / "compare.json").read_text())
+    assert saved["depth_ks"] == [10, 50, 100]  # table_k=10 and skew_ks [10, 50, 100]
+    assert list(saved["depth"]) == list(table["rows"])
+    for name, depth in saved["depth"].items():
+        # the depth table at the table's k is the table's value (one computation, two views)
+        assert depth["maxskew@10"] == pytest.approx(table["rows"][name]["maxskew@10"])
+        assert depth["ndkl@10"] == pytest.approx(table["rows"][name]["ndkl@10"])
+        # deeper rankings of a balanced split hold more of each concept's images: skew falls
+        assert depth["maxskew@100"] < depth["maxskew@10"], name
+        assert all(0.0 <= v < 1.0 for v in depth.values()), name
+    md = (table["out"] / "compare.md").read_text()
+    assert "By ranking depth (gender, eq_opp; plot: compare_depth.png)" in md
+    assert "| method | maxskew@10 | maxskew@50 | maxskew@100 | ndkl@10 |" in md
+    png = (table["out"] / "compare_depth.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
 def test_sem_saves_and_loads_identically(table: dict, demo_run: Path) -> None:
     folder = table["out"] / "models" / "sem_bi"
     loaded = DebiasedCLIP.load(folder)

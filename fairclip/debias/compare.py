@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import json
 import logging
 import math
 import sys
@@ -40,7 +39,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fairclip.data.shards import list_shards
+from fairclip.data.shards import atomic_write_text, list_shards
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
@@ -54,6 +53,7 @@ from fairclip.evaluate import (
 )
 from fairclip.evaluate import resolve_splits as _resolve_splits
 from fairclip.model.factory import ModelBundle, load_model
+from fairclip.report.io import to_json
 from fairclip.runtime import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ PLUGIN_MODULES: dict[str, dict[str, str]] = {
     },
 }
 SAE_FILE = Path("sae") / "text_sae.safetensors"
+DEPTH_PLOT = "compare_depth.png"
 
 
 def register_method(name: str) -> Callable[[Builder], Builder]:
@@ -306,16 +307,26 @@ def summarize(
     }
 
 
+def skew_by_depth(
+    report: Mapping[str, Any], attribute: str, target: str, ks: Sequence[int]
+) -> dict[str, float]:
+    """MaxSkew@k and NDKL@k of the concept queries at every depth ``k`` of ``ks``.
+
+    Why: one k hides where in the ranking a method moves the groups; on the demo the top of a
+    concept's ranking is counter-stereotypical and its tail stereotypical, so a text-side fix
+    that flattens the tail (MaxSkew@300) can make the top one-sided (MaxSkew@10).
+    """
+    skew = report["metrics"].get("skew", {}).get("concepts", {})
+    nan = float("nan")
+    return {
+        f"{name}@{k}": skew.get(f"{name}@{k}/{attribute}/{target}", nan)
+        for name in ("maxskew", "ndkl")
+        for k in ks
+    }
+
+
 def markdown_table(rows: Mapping[str, Mapping[str, float]], sae_info: Mapping[str, Any]) -> str:
-    cols = list(next(iter(rows.values())))
-    lines = [
-        "| method | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
-        *(
-            f"| {name} | " + " | ".join(_fmt(v) for v in vals.values()) + " |"
-            for name, vals in rows.items()
-        ),
-    ]
+    lines = _rows_markdown(rows)
     if sae_info:
         lines.append("")
         lines.append(
@@ -325,6 +336,39 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], sae_info: Mapping[st
             )
         )
     return "\n".join(lines)
+
+
+def _rows_markdown(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+    cols = list(next(iter(rows.values())))
+    return [
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+        *(
+            f"| {name} | " + " | ".join(_fmt(v) for v in vals.values()) + " |"
+            for name, vals in rows.items()
+        ),
+    ]
+
+
+def plot_skew_by_depth(
+    depth: Mapping[str, Mapping[str, float]], ks: Sequence[int], path: Path
+) -> Path:
+    """MaxSkew@k and NDKL@k against k, one line per method (``compare_depth.png``)."""
+    from matplotlib.figure import Figure
+
+    from fairclip.report.plots import save_figure
+
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    for ax, name in zip(axes, ("maxskew", "ndkl"), strict=True):
+        for method, vals in depth.items():
+            ax.plot(ks, [vals[f"{name}@{k}"] for k in ks], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(list(ks), [str(k) for k in ks])
+        ax.set_xlabel("k (ranking depth)")
+        ax.set_title(f"{'MaxSkew' if name == 'maxskew' else 'NDKL'}@k of the concept queries")
+    axes[1].legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def _fmt(v: float) -> str:
@@ -373,7 +417,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     ctx = CompareContext(cfg, bundle, device, run_dir=run_dir, options=options)
     out_dir = Path(cfg.output_dir)
-    rows, reports = {}, {}
+    depth_ks = sorted({int(cfg.table_k), *(int(k) for k in cfg.skew_ks)})
+    rows, reports, depth = {}, {}, {}
     for name in cfg.methods:
         model = METHODS[name](bundle, ctx)
         report = evaluate_model(
@@ -385,6 +430,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows[name] = summarize(
             report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
         )
+        depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks)
         if cfg.save_models:
             model.save(out_dir / "models" / name)
         log.info("%s: %s", name, rows[name])
@@ -401,12 +447,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "k": int(cfg.table_k),
         "selected_on": selected_on,
         "rows": rows,
+        "depth_ks": depth_ks,
+        "depth": depth,
         "sae": ctx.sae_info,
         "metrics": reports,
     }
+    table += (
+        f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}; plot: {DEPTH_PLOT}):\n\n"
+        + "\n".join(_rows_markdown(depth))
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(table + "\n")
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=1))
+    plot_skew_by_depth(depth, depth_ks, out_dir / DEPTH_PLOT)
+    atomic_write_text(out_dir / "compare.md", table + "\n")
+    atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")
     print(table)
     return result
 

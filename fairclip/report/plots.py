@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from fairclip.report.io import flatten_metrics, headline_keys
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out ``fig`` and write it as PNG atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -53,7 +54,7 @@ def plot_group_accuracy(report: Mapping[str, Any], path: str | Path) -> Path | N
         )
         ax.set_ylabel("zero-shot accuracy")
     axes[0].legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_skew_per_query(
@@ -84,7 +85,7 @@ def plot_skew_per_query(
     axes[0].set_yticks(ys, q["prompts"], fontsize=7)
     axes[0].invert_yaxis()
     axes[-1].legend(fontsize=7, loc="best")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_comparison(
@@ -111,4 +112,4 @@ def plot_comparison(
     ax.axvline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=8)
     ax.set_title("bias report comparison", fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
