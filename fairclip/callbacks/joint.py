@@ -130,7 +130,7 @@ class JointHeadsCallback(L.Callback):
             self.trainer_ = JointTrainer(heads, lr=self.lr, loss=self.loss)
         with torch.enable_grad():
             out = self.trainer_.step(
-                fv, ft, ftc, batch["groups"][keep][:, self.column],
+                fv, ft, ftc, batch["groups"][keep][:, self.column], batch["concept"][keep],
                 float(model.logit_scale.detach().exp()),
             )  # fmt: skip
         pl_module.log_dict({f"joint/{k}": v for k, v in out.items()}, on_step=True)

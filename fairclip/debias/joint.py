@@ -16,8 +16,8 @@ Losses, on frozen (normalised) features of labelled image-caption pairs:
   words swapped (woman↔man, configurable lexicon, swapped at token level). Targets come from
   the original model, mixed with a momentum (EMA) copy of the heads as in ALBEF: image→text
   over {caption, counterfactual} uses the group-neutral caption (mean of both), text→image
-  rebalances each caption's target so every group present in the batch gets equal mass (the
-  labelled part of the batch). The debiased similarities of both caption versions are trained
+  rebalances each group-neutral caption's target so that, within every concept, each group's
+  images get the same mean mass per image (:func:`balance_groups`; labelled images only). The debiased similarities of both caption versions are trained
   toward these targets, so group words and group looks stop moving the similarity while the
   concept ranking of the original model is kept.
 * ``L = α L_cd + (1 − α) L_ba`` (α = 0.3). Image-only / text-only ablations drop ``L_ba``.
@@ -163,17 +163,32 @@ def _kl(target: Tensor, logits: Tensor) -> Tensor:
     return (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
 
 
-def balance_groups(p: Tensor, groups: Tensor) -> Tensor:
-    """Rescale each row of ``p`` (a distribution over images) so every group present among
-    the labelled images gets an equal share of their mass; unlabelled images (-1) keep theirs."""
-    labelled = groups >= 0
-    present = groups[labelled].unique()
-    if present.numel() < 2:
+def balance_groups(p: Tensor, groups: Tensor, concepts: Tensor) -> Tensor:
+    """Rescale each row of ``p`` (a distribution over images) so that, within every concept,
+    the images of each group get the same mean mass per image; unlabelled images keep theirs.
+
+    Why per image and per concept: on a biased batch a concept's rare group has few images
+    (2 female doctors next to 8 male ones). Giving each *group* equal total mass made every
+    rare image 4x as likely a target as a common one, and the heads learned to rank female
+    doctors above all male doctors (the stereotype inverted, not removed). Equal mean mass per
+    image keeps each concept's total mass and the order within a group, and drops the group.
+    """
+    labelled = (groups >= 0) & (concepts >= 0)
+    if int(labelled.sum()) < 2:
         return p
-    onehot = (groups[:, None] == present[None]).to(p.dtype)  # [B, G]
-    mass = p @ onehot  # [rows, G]
-    share = mass.sum(-1, keepdim=True) / present.numel()
-    factor = (share / mass.clamp_min(1e-12)) @ onehot.T  # [rows, B]
+    g = groups.clamp_min(0)
+    c = concepts.clamp_min(0)
+    n_groups = int(g.max()) + 1
+    cell = torch.where(labelled, c * n_groups + g, -1)
+    present = cell[labelled].unique()
+    cell_hot = (cell[:, None] == present[None]).to(p.dtype)  # [B, cells]
+    concept_ids = c[labelled].unique()
+    concept_hot = ((c[:, None] == concept_ids[None]) & labelled[:, None]).to(p.dtype)  # [B, C]
+    cell_mean = (p @ cell_hot) / cell_hot.sum(0)  # [rows, cells]: mean mass per image
+    concept_mean = (p @ concept_hot) / concept_hot.sum(0)  # [rows, C]
+    per_image_cell = cell_mean @ cell_hot.T  # [rows, B]
+    per_image_concept = concept_mean @ concept_hot.T
+    factor = per_image_concept / per_image_cell.clamp_min(1e-12)
     return torch.where(labelled[None], p * factor, p)
 
 
@@ -211,7 +226,7 @@ class JointTrainer:
         self.queue_v = fv if self.queue_v is None else torch.cat([fv, self.queue_v])[:keep]
 
     def losses(
-        self, fv: Tensor, ft: Tensor, ftc: Tensor, groups: Tensor, scale: float
+        self, fv: Tensor, ft: Tensor, ftc: Tensor, groups: Tensor, concepts: Tensor, scale: float
     ) -> dict[str, Tensor]:
         """``L_cd``, ``L_ba`` and the total for unit original features ``[B, D]``."""
         cfg = self.loss
@@ -232,7 +247,7 @@ class JointTrainer:
             t2i = mix * (scale * orig_texts @ fv.T).softmax(-1) + cfg.distill * (
                 scale * ema_texts @ ev.T
             ).softmax(-1)
-            t2i = torch.where(neutral[:, None], balance_groups(t2i, groups), t2i)
+            t2i = torch.where(neutral[:, None], balance_groups(t2i, groups, concepts), t2i)
         l_cd = 0.5 * (_kl(i2t, scale * v @ texts.T) + _kl(t2i, scale * texts @ v.T))
         out = {"l_cd": l_cd}
         if self.heads.variant == "joint":
@@ -247,11 +262,12 @@ class JointTrainer:
         return out
 
     def step(
-        self, fv: Tensor, ft: Tensor, ftc: Tensor, groups: Tensor, scale: float
+        self, fv: Tensor, ft: Tensor, ftc: Tensor, groups: Tensor, concepts: Tensor, scale: float
     ) -> dict[str, float]:
+        """One update on a batch of pairs; ``groups``/``concepts`` label the images (-1 unknown)."""
         fv, ft, ftc = (F.normalize(x.float(), dim=-1) for x in (fv, ft, ftc))
         self.heads.train()
-        out = self.losses(fv, ft, ftc, groups, scale)
+        out = self.losses(fv, ft, ftc, groups, concepts, scale)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.opt.step()
@@ -343,10 +359,11 @@ def encode_pairs(
     batch_size: int = 256,
 ) -> dict[str, Tensor]:
     """Unit original features of the labelled captioned pairs of ``shards``: ``fv``, ``ft``,
-    ``ftc`` (counterfactual captions) and ``groups`` (index of ``attribute``, -1 unknown)."""
+    ``ftc`` (counterfactual captions), ``groups`` (index of ``attribute``, -1 unknown) and
+    ``concepts`` (concept index)."""
     swapper = TokenSwapper(tokenizer, swaps)
     column = list(attributes).index(attribute)
-    out: dict[str, list[Tensor]] = {"fv": [], "ft": [], "ftc": [], "groups": []}
+    out: dict[str, list[Tensor]] = {"fv": [], "ft": [], "ftc": [], "groups": [], "concepts": []}
     device = next(model.parameters()).device
     model.eval()
     for batch in iter_batches(
@@ -361,6 +378,7 @@ def encode_pairs(
         out["ft"].append(F.normalize(model.encode_text(tokens).float(), dim=-1))
         out["ftc"].append(F.normalize(model.encode_text(swapper(tokens)).float(), dim=-1))
         out["groups"].append(batch["groups"][keep][:, column].to(device))
+        out["concepts"].append(batch["concept"][keep].to(device))
     if not out["fv"]:
         raise ValueError(f"{shards!r}: no labelled image-caption pairs")
     return {k: torch.cat(v) for k, v in out.items()}
@@ -412,7 +430,7 @@ def fit_joint_heads(
             if idx.numel() < 2:
                 continue
             out = trainer.step(
-                data["fv"][idx], data["ft"][idx], data["ftc"][idx], data["groups"][idx], scale
+                *(data[k][idx] for k in ("fv", "ft", "ftc", "groups", "concepts")), scale
             )
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
