@@ -248,3 +248,39 @@ def test_joint_during_a_real_fit(synthetic_dir: Path, tmp_path: Path) -> None:
     assert len(loaded.text) == len(loaded.image) == 1
     # stepped: the zero-initialised last layer of the shared MLP2 moved
     assert loaded.text[0].mlp2[2].weight.abs().sum() > 0
+
+
+def test_joint_during_two_process_ddp_keeps_one_set_of_heads(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Real 2-process DDP (gloo): every rank steps the heads on its own shard with gradients
+    averaged over ranks, so the ranks hold identical heads and the epoch's ABLE (evaluated
+    over both ranks' eval shards) scores the heads that are saved. Without the averaging the
+    copies drift apart (rank_spread > 0)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp_joint"
+    cmd = [
+        str(Path(sys.executable).parent / "fairclip-train"),
+        *small_run_overrides(
+            synthetic_dir,
+            "trainer=ddp_cpu",
+            "callbacks=joint",
+            "callbacks.joint.mode=during",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=1",
+        ),
+        f"hydra.run.dir={out}",
+        f"paths.log_dir={tmp_path}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = json.loads((out / "joint_heads" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0.0]
+    assert history[0]["rank_spread"] < 1e-6
+    loaded = DebiasedCLIP.load(out / "joint_heads")
+    assert loaded.text[0].mlp2[2].weight.abs().sum() > 0  # stepped, not the identity

@@ -6,7 +6,9 @@ fine-tuned, no gradient into CLIP) and scores ABLE on the eval split at each epo
 keeping the best epoch; ``mode=train_end`` fits them once CLIP is final, frozen (the paper's
 setting). Either way rank 0 writes a loadable DebiasedCLIP to ``dirpath`` with
 ``history.json``. Under DDP each rank steps its own copy on its shard of the data
-(the heads are tiny); rank 0's copy is saved.
+(the heads are tiny) with the gradients averaged over ranks, from rank 0's initial weights,
+so every rank holds the same heads (trained on all shards) and the per-epoch ABLE, computed
+over all ranks' eval shards, scores those heads; rank 0's copy is saved.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fairclip.data.shards import atomic_write_text
 from fairclip.debias.joint import (
     VARIANTS,
     JointHeads,
@@ -117,7 +120,10 @@ class JointHeadsCallback(L.Callback):
         if self.mode != "during":
             return
         keep = (batch["concept"] >= 0) & (batch["groups"][:, self.column] >= 0)
-        if int(keep.sum()) < 2:
+        n_labelled = keep.sum().float()
+        if trainer.world_size > 1:  # every rank steps, or none: the gradient mean is collective
+            n_labelled = trainer.strategy.reduce(n_labelled, reduce_op="min")  # type: ignore[arg-type]
+        if int(n_labelled) < 2:
             return
         model = pl_module.model
         with torch.no_grad():
@@ -126,14 +132,25 @@ class JointHeadsCallback(L.Callback):
             ft = model.encode_text(tokens)
             ftc = model.encode_text(self.swapper(tokens))
         if self.trainer_ is None:
-            heads = JointHeads(fv.shape[1], self.hidden, self.variant).to(pl_module.device)
-            self.trainer_ = JointTrainer(heads, lr=self.lr, loss=self.loss)
+            self.trainer_ = self._new_trainer(trainer, fv.shape[1], pl_module.device)
         with torch.enable_grad():
             out = self.trainer_.step(
                 fv, ft, ftc, batch["groups"][keep][:, self.column], batch["concept"][keep],
                 float(model.logit_scale.detach().exp()),
             )  # fmt: skip
         pl_module.log_dict({f"joint/{k}": v for k, v in out.items()}, on_step=True)
+
+    def _new_trainer(self, trainer: L.Trainer, dim: int, device: torch.device) -> JointTrainer:
+        heads = JointHeads(dim, self.hidden, self.variant).to(device)
+        grad_mean = None
+        if trainer.world_size > 1:
+            state = trainer.strategy.broadcast(heads.state_dict(), src=0)
+            heads.load_state_dict(state)
+
+            def grad_mean(flat: torch.Tensor) -> torch.Tensor:
+                return trainer.strategy.reduce(flat, reduce_op="mean")  # type: ignore[arg-type]
+
+        return JointTrainer(heads, lr=self.lr, loss=self.loss, grad_mean=grad_mean)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.mode != "during" or self.trainer_ is None:
@@ -154,6 +171,7 @@ class JointHeadsCallback(L.Callback):
             progress=False,
         )
         row = {"epoch": float(trainer.current_epoch), **headline(report, self.spec, self.attribute)}
+        row["rank_spread"] = self._rank_spread(trainer)
         self.history.append(row)
         score = row[f"able@{self.spec.skew_ks[0]}"]
         if self.best is None or (not math.isnan(score) and score > self.best[0]):
@@ -161,6 +179,17 @@ class JointHeadsCallback(L.Callback):
             self.best = (score, copy.deepcopy(self.trainer_.heads.state_dict()))
             self.best_model = copy.deepcopy(pl_module.model.state_dict())
         pl_module.log(f"joint/able@{self.spec.skew_ks[0]}", score)
+
+    def _rank_spread(self, trainer: L.Trainer) -> float:
+        """Largest difference of any head weight between ranks (0.0: every rank holds the same
+        heads, so the DDP-synced ABLE of this epoch scores the heads rank 0 saves)."""
+        assert self.trainer_ is not None
+        flat = torch.cat([p.detach().reshape(-1) for p in self.trainer_.heads.parameters()])
+        if trainer.world_size == 1:
+            return 0.0
+        high = trainer.strategy.reduce(flat.clone(), reduce_op="max")  # type: ignore[arg-type]
+        low = trainer.strategy.reduce(flat.clone(), reduce_op="min")  # type: ignore[arg-type]
+        return float((high - low).abs().max())
 
     # -- end -------------------------------------------------------------------------------
     def _debiased(self, pl_module: L.LightningModule, heads: JointHeads) -> DebiasedCLIP:
@@ -203,7 +232,7 @@ class JointHeadsCallback(L.Callback):
         text, image = heads.cpu().interventions()
         model = DebiasedCLIP(base.cpu(), pl_module.model_name, text=text, image=image)
         model.save(self.dirpath)
-        (self.dirpath / "history.json").write_text(json.dumps(self.history, indent=2))
+        atomic_write_text(self.dirpath / "history.json", json.dumps(self.history, indent=2))
         log.info(
             "joint debiasing heads (%s, %s) saved to %s", self.variant, self.mode, self.dirpath
         )

@@ -211,6 +211,8 @@ class JointTrainer:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     loss: JointLossConfig = field(default_factory=JointLossConfig)
+    # DDP: maps the flat gradient of every rank to their mean, so identical copies stay equal
+    grad_mean: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.ema = copy.deepcopy(self.heads).requires_grad_(False)
@@ -270,6 +272,11 @@ class JointTrainer:
         out = self.losses(fv, ft, ftc, groups, concepts, scale)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if self.grad_mean is not None:
+            params = [p for p in self.heads.parameters() if p.grad is not None]
+            flat = self.grad_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.grad.copy_(g.view_as(p))
         self.opt.step()
         with torch.no_grad():
             m = self.loss.momentum
