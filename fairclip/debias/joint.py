@@ -17,7 +17,8 @@ Losses, on frozen (normalised) features of labelled image-caption pairs:
   the original model, mixed with a momentum (EMA) copy of the heads as in ALBEF: image→text
   over {caption, counterfactual} uses the group-neutral caption (mean of both), text→image
   rebalances each group-neutral caption's target so that, within every concept, each group's
-  images get the same mean mass per image (:func:`balance_groups`; labelled images only). The debiased similarities of both caption versions are trained
+  images get the same distribution of mass (quantile matching, :func:`balance_groups`;
+  labelled images only). The debiased similarities of both caption versions are trained
   toward these targets, so group words and group looks stop moving the similarity while the
   concept ranking of the original model is kept.
 * ``L = α L_cd + (1 − α) L_ba`` (α = 0.3). Image-only / text-only ablations drop ``L_ba``.
@@ -163,33 +164,48 @@ def _kl(target: Tensor, logits: Tensor) -> Tensor:
     return (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
 
 
-def balance_groups(p: Tensor, groups: Tensor, concepts: Tensor) -> Tensor:
-    """Rescale each row of ``p`` (a distribution over images) so that, within every concept,
-    the images of each group get the same mean mass per image; unlabelled images keep theirs.
+def _rank_within(p: Tensor, segment: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending rank of every entry of each row of ``p`` within its ``segment`` (ids >= 0,
+    shared by all rows), and the row's values sorted by (segment, value). ``p`` in [0, 1]."""
+    order = (segment[None].to(p.dtype) * 2 + p).argsort(dim=1)
+    counts = torch.bincount(segment)
+    start = counts.cumsum(0) - counts
+    ranks_sorted = torch.arange(p.shape[1], device=p.device) - start[segment[order]]
+    return torch.empty_like(order).scatter_(1, order, ranks_sorted), p.gather(1, order)
 
-    Why per image and per concept: on a biased batch a concept's rare group has few images
-    (2 female doctors next to 8 male ones). Giving each *group* equal total mass made every
-    rare image 4x as likely a target as a common one, and the heads learned to rank female
-    doctors above all male doctors (the stereotype inverted, not removed). Equal mean mass per
-    image keeps each concept's total mass and the order within a group, and drops the group.
+
+def balance_groups(p: Tensor, groups: Tensor, concepts: Tensor) -> Tensor:
+    """Give each group the same distribution of target mass within every concept: an image at
+    quantile q of its (concept, group) gets the concept's pooled value at quantile q, then each
+    concept keeps its total mass. Rows of ``p`` are distributions over images; unlabelled
+    images (-1) keep theirs.
+
+    Why quantiles: a target that should not depend on the group must rank a concept's images
+    the same way whatever their group. Equal mass per *group* made each rare image (2 female
+    doctors among 8 male ones) a several-times stronger target, and the heads put every female
+    doctor above every male doctor; equal *mean* mass per image lifted the rare group's best
+    images as much as its worst, so the top of the ranking stayed one-sided. Quantile matching
+    lifts the rare group's ambiguous images to where the common group's ambiguous images are,
+    and keeps the order within a group.
     """
     labelled = (groups >= 0) & (concepts >= 0)
     if int(labelled.sum()) < 2:
         return p
-    g = groups.clamp_min(0)
-    c = concepts.clamp_min(0)
-    n_groups = int(g.max()) + 1
-    cell = torch.where(labelled, c * n_groups + g, -1)
-    present = cell[labelled].unique()
-    cell_hot = (cell[:, None] == present[None]).to(p.dtype)  # [B, cells]
-    concept_ids = c[labelled].unique()
-    concept_hot = ((c[:, None] == concept_ids[None]) & labelled[:, None]).to(p.dtype)  # [B, C]
-    cell_mean = (p @ cell_hot) / cell_hot.sum(0)  # [rows, cells]: mean mass per image
-    concept_mean = (p @ concept_hot) / concept_hot.sum(0)  # [rows, C]
-    per_image_cell = cell_mean @ cell_hot.T  # [rows, B]
-    per_image_concept = concept_mean @ concept_hot.T
-    factor = per_image_concept / per_image_cell.clamp_min(1e-12)
-    return torch.where(labelled[None], p * factor, p)
+    n_groups = int(groups.max()) + 1
+    n_concepts = int(concepts.max()) + 1
+    concept = torch.where(labelled, concepts, n_concepts)  # unlabelled: a segment of their own
+    cell = torch.where(labelled, concepts * n_groups + groups, n_concepts * n_groups)
+    cell_rank, _ = _rank_within(p, cell)
+    _, pooled = _rank_within(p, concept)  # each row's values sorted by (concept, value)
+    n_cell, n_concept = torch.bincount(cell)[cell], torch.bincount(concept)
+    start = n_concept.cumsum(0) - n_concept
+    quantile = (cell_rank.to(p.dtype) + 0.5) / n_cell.to(p.dtype)
+    offset = (quantile * n_concept[concept].to(p.dtype)).long()
+    offset = torch.minimum(offset, n_concept[concept] - 1)
+    target = pooled.gather(1, start[concept] + offset)
+    onehot = (concept[:, None] == torch.arange(n_concepts, device=p.device)[None]).to(p.dtype)
+    factor = (p @ onehot) / (target @ onehot).clamp_min(1e-12)  # [rows, concepts]: keep mass
+    return torch.where(labelled[None], target * (factor @ onehot.T), p)
 
 
 @dataclass
