@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,9 @@ def test_sem_roundtrip_exact(demo_run: Path, synthetic_dir: Path, tmp_path: Path
     assert (e @ g.T).abs().max() < 1e-4
 
 
-def test_method_registry_and_errors(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
+def test_method_registry_and_errors(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     @register_method("_test_identity")
     def _build(bundle, ctx):
         return DebiasedCLIP(bundle.model, bundle.name)
@@ -218,9 +221,21 @@ def test_method_registry_and_errors(demo_run: Path, synthetic_dir: Path, tmp_pat
         bad_k.table_k = "ten"
         with pytest.raises(ValueError, match="table_k='ten': expected a positive integer"):
             run(bad_k)
-        result = run(
-            _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip,_test_identity]")
-        )
+        with pytest.raises(ValueError, match=r"skew_ks: expected positive integers, got 0"):
+            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "skew_ks=[10,0]"))
+        with caplog.at_level(logging.WARNING, logger="fairclip.debias.compare"):
+            result = run(
+                _compare_cfg(
+                    demo_run,
+                    synthetic_dir,
+                    tmp_path,
+                    "methods=[clip,_test_identity]",
+                    "skew_ks=[10,100000]",
+                )  # fmt: skip
+            )
+        assert "skew k=100000: the eval split" in caplog.text
+        assert result["depth_ks"] == [10, 100000]
+        assert result["depth"]["clip"]["maxskew@100000"] == 0.0  # the whole balanced split
         assert result["rows"]["clip"] == result["rows"]["_test_identity"]
         assert result["sae"] == {}  # no SEM row: no SAE trained
     finally:

@@ -397,6 +397,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if run_dir is not None and run_dir.name == "export" and not (run_dir / SAE_FILE).exists():
         run_dir = run_dir.parent
     splits = _resolve_splits(cfg.splits.eval, cfg.splits.neutral)
+    depth_ks = _depth_ks(cfg, splits["eval"])
     select = _selection_split(cfg.splits.get("select", "auto"), splits["eval"])
     options = {
         "attributes": spec.attributes,
@@ -417,7 +418,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     ctx = CompareContext(cfg, bundle, device, run_dir=run_dir, options=options)
     out_dir = Path(cfg.output_dir)
-    depth_ks = sorted({int(cfg.table_k), *(int(k) for k in cfg.skew_ks)})
     rows, reports, depth = {}, {}, {}
     for name in cfg.methods:
         model = METHODS[name](bundle, ctx)
@@ -462,6 +462,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")
     print(table)
     return result
+
+
+def _depth_ks(cfg: DictConfig, eval_shards: Any) -> list[int]:
+    """``table_k`` and ``skew_ks`` (validated by the eval spec), sorted; a k beyond the eval
+    split's size is warned about (the whole balanced split has no skew: that column is moot)."""
+    ks = [int(cfg.table_k), *(int(k) for k in cfg.skew_ks)]
+    n_images = sum(s.size for s in list_shards(eval_shards, "splits.eval"))
+    for k in sorted(set(ks)):
+        if k >= n_images:
+            log.warning(
+                "skew k=%d: the eval split (%s) has only %d images, so MaxSkew@%d/NDKL@%d "
+                "cover all of it and say nothing about the ranking", k, eval_shards, n_images,
+                k, k,
+            )  # fmt: skip
+    return sorted(set(ks))
 
 
 def _selection_split(select: Any, eval_shards: Any) -> Any:
