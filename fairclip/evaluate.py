@@ -28,13 +28,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from tqdm import tqdm
 
 from fairclip.data.datamodule import Collate, SampleDecoder
 from fairclip.data.shards import list_shards
-from fairclip.data.stream import ShardStream
+from fairclip.data.stream import ShardStream, stream_loader
 from fairclip.metrics import (
     TARGETS,
     CramersV,
@@ -545,7 +544,7 @@ def evaluate_model(
             stream = _stream(
                 shards, key, spec, preprocess, tokenizer, batch_size, num_workers, rank, world_size
             )
-            loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+            loader = stream_loader(stream, num_workers)
             desc = f"embedding {'+'.join(roles)} images"
             for batch in tqdm(
                 loader, total=len(stream), desc=desc, unit="batch", disable=not progress

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
-import multiprocessing.context
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,15 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fairclip.data.shards import IMAGE_EXTENSIONS, list_shards
-from fairclip.data.stream import CorruptSample, ShardStream
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The forkserver context, its server preloading torch and the stream so that each worker
-    starts in milliseconds, not the seconds of a fresh import."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "fairclip.data.stream"])
-    return ctx
+from fairclip.data.stream import CorruptSample, ShardStream, stream_loader
 
 
 class SampleDecoder:
@@ -207,19 +197,7 @@ class ShardDataModule(L.LightningDataModule):
             self.val_stream.set_distributed(rank, world)
 
     def _loader(self, stream: ShardStream) -> DataLoader:
-        # batch_size=None: the stream batches itself (per-worker quotas keep ranks in step).
-        # Not persistent: workers are re-created each epoch and so see the new epoch number.
-        # Workers come from a forkserver, not a fork of the trainer: a fork while another
-        # thread (wandb, gloo, Lightning) starts or ends can leave CPython's thread-state lock
-        # held in the child, which then hangs for ever in os.fork (seen: a DDP rank stuck at
-        # its first validation, the other waiting in a collective).
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=worker_context() if self.num_workers > 0 else None,
-        )
+        return stream_loader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
