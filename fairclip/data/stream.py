@@ -20,7 +20,6 @@ batch carries ``skipped``, the number skipped since the previous batch of that w
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -220,22 +219,7 @@ class ShardStream(IterableDataset):
 
 
 def stream_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a self-batching ``stream`` (``batch_size=None``).
-
-    Workers are not persistent (re-created each epoch, they see the new epoch number) and come
-    from a forkserver whose server has torch and this module loaded, not from a fork of the
-    caller: forking a process whose other threads (wandb, gloo, Lightning) start or end can
-    leave CPython's thread-state lock held in the child, which then hangs in ``os.fork`` (seen:
-    a DDP rank stuck at its first validation while the other waited in a collective).
-    """
-    context = None
-    if num_workers > 0:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", __name__])
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        multiprocessing_context=context,
-    )
+    """A DataLoader over a self-batching ``stream`` (``batch_size=None``), for training and
+    evaluation alike. Workers are not persistent: re-created each epoch, they see the new epoch
+    number."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
