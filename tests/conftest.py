@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,23 @@ def small_run_overrides(data: Path, *extra: str) -> list[str]:
         "logger=csv",
         *extra,
     ]
+
+
+def run_train_process(
+    data: Path, out: Path, log_dir: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`fairclip-train` as its own process (DDP on CPU spawns ranks), run dir ``out``; fails
+    the test with the output tail unless it exits 0."""
+    cmd = [
+        str(Path(sys.executable).parent / "fairclip-train"),
+        *small_run_overrides(data, *extra),
+        f"hydra.run.dir={out}",
+        f"paths.log_dir={log_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 # -- bias evaluation (tests/test_evaluate.py, tests/test_report.py) ----------------------------

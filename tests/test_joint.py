@@ -29,7 +29,7 @@ from fairclip.debias.pipeline import INTERVENTIONS, DebiasedCLIP
 from fairclip.evaluate import EvalSpec, evaluate_model, resolve_splits
 from fairclip.model.factory import create_model, load_model
 from fairclip.runtime import CONF_DIR
-from tests.conftest import compose_train, small_run_overrides
+from tests.conftest import compose_train, run_train_process, small_run_overrides
 
 ATTRIBUTES = {"gender": ["female", "male"], "age": ["young", "middle-aged", "old"]}
 CONCEPTS = ["doctor", "nurse", "engineer", "teacher", "pilot", "dancer", "chef", "baker"]
@@ -265,28 +265,12 @@ def test_joint_during_two_process_ddp_keeps_one_set_of_heads(
     averaged over ranks, so the ranks hold identical heads and the epoch's ABLE (evaluated
     over both ranks' eval shards) scores the heads that are saved. Without the averaging the
     copies drift apart (rank_spread > 0)."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp_joint"
-    cmd = [
-        str(Path(sys.executable).parent / "fairclip-train"),
-        *small_run_overrides(
-            synthetic_dir,
-            "trainer=ddp_cpu",
-            "callbacks=joint",
-            "callbacks.joint.mode=during",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=4",
-            "trainer.limit_val_batches=1",
-        ),
-        f"hydra.run.dir={out}",
-        f"paths.log_dir={tmp_path}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_train_process(
+        synthetic_dir, out, tmp_path,
+        "trainer=ddp_cpu", "callbacks=joint", "callbacks.joint.mode=during",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+    )  # fmt: skip
     history = json.loads((out / "joint_heads" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0.0]
     assert history[0]["rank_spread"] < 1e-6

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 from fairclip.data.cli import main as data_main
 from fairclip.train import build, train
-from tests.conftest import compose_train, small_run_overrides
+from tests.conftest import compose_train, run_train_process, small_run_overrides
 
 
 def last_metrics(output_dir: Path) -> dict[str, float]:
@@ -99,20 +97,11 @@ def test_resume_continues_step_count_and_lr_schedule(synthetic_dir: Path, tmp_pa
 
 def test_two_process_ddp_on_cpu_sees_disjoint_data(synthetic_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "fairclip-train"),
-        *small_run_overrides(synthetic_dir),
-        "trainer=ddp_cpu",
-        "callbacks=audit",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=6",
-        "trainer.limit_val_batches=2",
-        f"hydra.run.dir={out}",
-        f"paths.log_dir={tmp_path}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_train_process(
+        synthetic_dir, out, tmp_path,
+        "trainer=ddp_cpu", "callbacks=audit", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+    )  # fmt: skip
     keys = [(out / "seen_keys" / f"rank{r}-epoch0.txt").read_text().split() for r in range(2)]
     assert len(keys[0]) == len(keys[1]) == 6 * 64
     assert not set(keys[0]) & set(keys[1])
