@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from fairclip.data.datamodule import Collate, SampleDecoder, ShardDataModule
 from fairclip.data.shards import list_shards, write_shards
-from fairclip.data.stream import ShardStream, worker_quotas
+from fairclip.data.stream import ShardStream, stream_loader, worker_quotas
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
 
 ATTRS = {"gender": ["female", "male"], "age": ["young", "middle-aged", "old"]}
@@ -157,6 +161,47 @@ def _tar(path: Path, samples: list[dict]) -> Path:
         for s in samples:
             sink.write(s)
     return path
+
+
+def _sample_key(sample: dict) -> dict:
+    return {"key": sample["__key__"]}  # module level: forkserver workers unpickle it
+
+
+def _batch_keys(batch: list[dict]) -> dict:
+    return {"key": [x["key"] for x in batch]}
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping, not dead or a zombie (a dead child of ours stays a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_loader_workers_outlive_the_requeue_signals_slurm_sends_to_the_whole_job(
+    synthetic_dir: Path,
+) -> None:
+    """`scancel --signal=USR1` (and `--signal=USR1@90`) reach every process of a Slurm step.
+    Only the trainer may act on them: the forkserver, its resource tracker and the workers
+    must go on, or the job dies instead of being requeued."""
+    stream = ShardStream(
+        list_shards(synthetic_dir / "eval"), _sample_key, _batch_keys, 16, train=False,
+        num_workers=2,
+    )  # fmt: skip
+    loader = iter(stream_loader(stream, num_workers=2))
+    keys = next(loader)["key"]
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    tracker = multiprocessing.resource_tracker._resource_tracker._pid
+    helpers = [server, tracker, *(w.pid for w in loader._workers)]
+    for pid in helpers:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR2)
+    keys += [k for batch in loader for k in batch["key"]]
+    assert len(set(keys)) == stream.total_samples == 480  # every sample once, none lost
+    assert all(_alive(pid) for pid in (server, tracker))
+    assert len(list(stream_loader(stream, num_workers=2))) == len(stream)  # the next epoch
 
 
 def _good(key: str) -> dict:

@@ -20,6 +20,10 @@ batch carries ``skipped``, the number skipped since the previous batch of that w
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import signal
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -218,8 +222,44 @@ class ShardStream(IterableDataset):
         return True
 
 
+# Signals a Slurm step sends to *every* process of the job (``scancel --signal=USR1``,
+# ``--signal=USR1@90`` before the time limit): meant for the trainer, they would kill the
+# forkserver, its resource tracker and the loader workers, whose default action is to exit.
+SLURM_JOB_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# Imported once in the forkserver, so each worker starts in milliseconds, not the seconds of
+# a fresh ``import torch``.
+FORKSERVER_PRELOAD = ["torch", "fairclip.data.stream"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of loader workers: a forkserver, not a fork of the trainer.
+
+    Why: a fork taken while another trainer thread (wandb, gloo, Lightning) starts or ends can
+    leave CPython's runtime lock held in the child, which then hangs for ever inside
+    ``os.fork`` (seen in CI: a DDP rank stuck at its first validation, the other rank waiting
+    in a collective). The forkserver is single-threaded, so its forks are safe. It is started
+    with :data:`SLURM_JOB_SIGNALS` blocked (a blocked mask survives fork and exec), so the
+    server, its resource tracker and every worker outlive a requeue signal sent to the whole
+    job; only the trainer acts on it.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SLURM_JOB_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()  # also starts the resource tracker
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return ctx
+
+
 def stream_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a self-batching ``stream`` (``batch_size=None``), for training and
     evaluation alike. Workers are not persistent: re-created each epoch, they see the new epoch
-    number."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    number. They come from :func:`worker_context`."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
+    )
