@@ -31,7 +31,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from fairclip.data.datamodule import Collate, SampleDecoder
+from fairclip.data.samples import CaptionCollate, SampleDecoder
 from fairclip.data.shards import list_shards
 from fairclip.data.stream import ShardStream, stream_loader
 from fairclip.metrics import (
@@ -325,15 +325,6 @@ class GroupCounts(Metric):
                 self.attributes.items(), self._offsets.tolist(), strict=True
             )
         }
-        return out
-
-
-class CaptionCollate(Collate):
-    """:class:`Collate` plus ``has_text``: eval sets may lack captions (recall skips those)."""
-
-    def __call__(self, samples: list[dict]) -> dict:
-        out = super().__call__(samples)
-        out["has_text"] = torch.tensor([bool(s["text"]) for s in samples], dtype=torch.bool)
         return out
 
 

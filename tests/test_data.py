@@ -18,7 +18,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from fairclip.data.datamodule import Collate, SampleDecoder, ShardDataModule
+from fairclip.data.datamodule import ShardDataModule
+from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards, write_shards
 from fairclip.data.stream import ShardStream, stream_loader, worker_quotas
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples

@@ -2,107 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from fairclip.data.shards import IMAGE_EXTENSIONS, list_shards
-from fairclip.data.stream import CorruptSample, ShardStream, stream_loader
-
-
-class SampleDecoder:
-    """Turn a raw WebDataset sample into an image tensor, a caption and label indices.
-
-    Attribute values and concepts are mapped to indices with the vocabularies from config;
-    a value outside them is a *data definition* error (wrong config or wrong labels), so it
-    raises with the shard, key and field instead of being silently skipped. An image that
-    cannot be decoded or a missing caption is a *corrupt sample*: skipped and counted.
-    """
-
-    def __init__(
-        self,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        attributes: dict[str, Sequence[str]],
-        concepts: Sequence[str],
-        label_key: str = "concept",
-        require_caption: bool = True,
-    ) -> None:
-        self.preprocess = preprocess
-        self.attributes = {a: {v: i for i, v in enumerate(vals)} for a, vals in attributes.items()}
-        self.concepts = {c: i for i, c in enumerate(concepts)}
-        self.label_key = label_key
-        self.require_caption = require_caption
-
-    def __call__(self, sample: dict) -> dict:
-        where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            raise CorruptSample(f"no image (expected one of {IMAGE_EXTENSIONS})")
-        try:
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-        except Exception as err:  # PIL raises many types for bad bytes
-            raise CorruptSample(f"undecodable {ext}: {err}") from err
-        caption = sample.get("txt", b"").decode("utf-8").strip()
-        if self.require_caption and not caption:
-            raise CorruptSample("missing caption (txt)")
-        labels = self._labels(sample.get("json"), where)
-        return {
-            "image": self.preprocess(image),
-            "text": caption,
-            "key": sample["__key__"],
-            **labels,
-        }
-
-    def _labels(self, raw: bytes | None, where: str) -> dict:
-        if raw is None:
-            meta: dict[str, Any] = {}
-        else:
-            try:
-                meta = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{where}: malformed JSON label ({err.msg} at char {err.pos})"
-                ) from err
-            if not isinstance(meta, dict):
-                raise ValueError(
-                    f"{where}: JSON label must be an object, got {type(meta).__name__}"
-                )
-        groups = []
-        for attr, vocab in self.attributes.items():
-            value = meta.get(attr)
-            if value is not None and value not in vocab:
-                raise ValueError(
-                    f"{where}: field {attr!r}={value!r} is not in data.attributes.{attr}={list(vocab)}"
-                )
-            groups.append(vocab.get(value, -1))
-        concept = meta.get(self.label_key)
-        if concept is not None and concept not in self.concepts:
-            raise ValueError(
-                f"{where}: field {self.label_key!r}={concept!r} is not in data.concepts={list(self.concepts)}"
-            )
-        return {"groups": groups, "concept": self.concepts.get(concept, -1)}
-
-
-class Collate:
-    """Stack images, tokenize captions (in the worker), gather labels."""
-
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, samples: list[dict]) -> dict:
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "text": self.tokenizer([s["text"] for s in samples]),
-            "concept": torch.tensor([s["concept"] for s in samples], dtype=torch.long),
-            "groups": torch.tensor([s["groups"] for s in samples], dtype=torch.long),
-            "key": [s["key"] for s in samples],
-        }
+from fairclip.data.samples import Collate, SampleDecoder
+from fairclip.data.shards import list_shards
+from fairclip.data.stream import ShardStream, stream_loader
 
 
 class ShardDataModule(L.LightningDataModule):

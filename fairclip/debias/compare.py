@@ -218,8 +218,8 @@ class CompareContext(Mapping[str, Any]):
 
     @torch.no_grad()
     def _image_embeddings(self, n: int) -> torch.Tensor:
+        from fairclip.data.samples import CaptionCollate, SampleDecoder
         from fairclip.data.stream import ShardStream
-        from fairclip.evaluate import CaptionCollate, SampleDecoder
 
         spec = self.options.get("spec") or spec_from_cfg(_eval_view(self.cfg))
         decode = SampleDecoder(

@@ -170,10 +170,9 @@ def iter_batches(
 ) -> Iterator[dict]:
     """Decoded batches (image, tokenised text, groups, concept) of a labelled shard split, in
     one process (small helper runs; training uses the DataModule)."""
-    from fairclip.data.datamodule import SampleDecoder
+    from fairclip.data.samples import CaptionCollate, SampleDecoder
     from fairclip.data.shards import list_shards
     from fairclip.data.stream import ShardStream
-    from fairclip.evaluate import CaptionCollate
 
     decode = SampleDecoder(
         preprocess,
