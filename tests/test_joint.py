@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fairclip.callbacks.joint import JointHeadsCallback
 from fairclip.debias.joint import (
+    SELECT_KEY,
     JointHeads,
     JointTrainer,
     TokenSwapper,
@@ -134,14 +135,14 @@ def test_joint_heads_lower_skew_keep_accuracy(demo: dict, synthetic_dir: Path) -
             pairs=demo["pairs"],
         )  # fmt: skip
         assert len(history) == 6
-        best = max(h["able@10"] for h in history)
+        best = max(h[SELECT_KEY] for h in history)
         from fairclip.debias.joint import _CachedEncoder
 
         final = evaluate_heads(
             _CachedEncoder(bundle.model), heads, bundle.tokenizer, bundle.preprocess_val, spec,
             splits,
         )  # fmt: skip
-        assert final["able@10"] == pytest.approx(best, abs=1e-6)  # best epoch restored
+        assert final[SELECT_KEY] == pytest.approx(best, abs=1e-6)  # best epoch restored
         results[variant] = final
     print(json.dumps({"base": base, **results}, indent=1))
     joint = results["joint"]

@@ -2,7 +2,8 @@
 
 Why a callback: the heads must match the exact weights the run ends with. ``mode=during``
 steps the heads on the labelled part of every training batch (features from the model being
-fine-tuned, no gradient into CLIP) and scores ABLE on the eval split at each epoch end,
+fine-tuned, no gradient into CLIP) and scores ABLE (averaged over ``skew_ks``) on the
+selection split at each epoch end,
 keeping the best epoch; ``mode=train_end`` fits them once CLIP is final, frozen (the paper's
 setting). Either way rank 0 writes a loadable DebiasedCLIP to ``dirpath`` with
 ``history.json``. Under DDP each rank steps its own copy on its shard of the data
@@ -26,6 +27,7 @@ import torch
 
 from fairclip.data.shards import atomic_write_text
 from fairclip.debias.joint import (
+    SELECT_KEY,
     VARIANTS,
     JointHeads,
     JointLossConfig,
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class JointHeadsCallback(L.Callback):
-    """Fit joint (or image-/text-only) heads; select the epoch by ABLE on ``eval_shards``."""
+    """Fit joint (or image-/text-only) heads; select the epoch by ABLE averaged over
+    ``skew_ks`` on ``eval_shards`` (the selection split)."""
 
     def __init__(
         self,
@@ -173,12 +176,12 @@ class JointHeadsCallback(L.Callback):
         row = {"epoch": float(trainer.current_epoch), **headline(report, self.spec, self.attribute)}
         row["rank_spread"] = self._rank_spread(trainer)
         self.history.append(row)
-        score = row[f"able@{self.spec.skew_ks[0]}"]
+        score = row[SELECT_KEY]
         if self.best is None or (not math.isnan(score) and score > self.best[0]):
             # the heads fit the CLIP of this epoch: keep both
             self.best = (score, copy.deepcopy(self.trainer_.heads.state_dict()))
             self.best_model = copy.deepcopy(pl_module.model.state_dict())
-        pl_module.log(f"joint/able@{self.spec.skew_ks[0]}", score)
+        pl_module.log(f"joint/{SELECT_KEY}", score)
 
     def _rank_spread(self, trainer: L.Trainer) -> float:
         """Largest difference of any head weight between ranks (0.0: every rank holds the same

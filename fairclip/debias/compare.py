@@ -439,7 +439,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if any(str(m).startswith("joint") for m in cfg.methods):
         leaks = str(selected_on) == str(splits["eval"])
         leak = " (the reported split itself: set splits.select)" if leaks else ""
-        table += f"\n\nJoint heads: epoch selected by ABLE@{cfg.table_k} on {selected_on}{leak}."
+        depths = ", ".join(str(k) for k in dict.fromkeys([int(cfg.table_k), *cfg.skew_ks]))
+        table += (
+            f"\n\nJoint heads: epoch selected by ABLE averaged over k = {depths} on "
+            f"{selected_on}{leak}."
+        )
     result = {
         "model": str(cfg.model_path),
         "attribute": cfg.attribute,

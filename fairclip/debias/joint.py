@@ -347,17 +347,30 @@ def able_key(spec: Any, attribute: str = "gender") -> str:
     return f"able@{spec.skew_ks[0]}/{attribute}/eq_opp"
 
 
+SELECT_KEY = "able@depths"
+
+
 def headline(report: Mapping[str, Any], spec: Any, attribute: str = "gender") -> dict[str, float]:
-    """acc, MaxSkew@k, ABLE, recall@k and Cramér's V of one report (NaN where absent)."""
+    """acc, MaxSkew@k, ABLE, recall@k and Cramér's V of one report (NaN where absent), k the
+    first of ``spec.skew_ks``; plus :data:`SELECT_KEY`, the selection score of joint heads: ABLE
+    averaged over every k of ``spec.skew_ks``.
+
+    Why all depths: at one deep k (300 = a whole concept of the demo's eval split) any order
+    within a concept is balanced, and heads chosen there alone were the ones that put the
+    counter-stereotypical images at the top (MaxSkew@10 up by 0.1 on demo seed 0).
+    """
     m = report["metrics"]
     k = spec.skew_ks[0]
     qs = spec.able_query_set or "concepts"
+    able = m.get("able", {})
+    depths = [able.get(f"able@{d}/{attribute}/eq_opp", math.nan) for d in spec.skew_ks]
     out = {
         "acc": m.get("zeroshot", {}).get("acc", math.nan),
         f"maxskew@{k}": m.get("skew", {})
         .get(qs, {})
         .get(f"maxskew@{k}/{attribute}/eq_opp", math.nan),
-        f"able@{k}": m.get("able", {}).get(able_key(spec, attribute), math.nan),
+        f"able@{k}": able.get(able_key(spec, attribute), math.nan),
+        SELECT_KEY: sum(depths) / len(depths),
         f"cramers_v/{attribute}": m.get("bias", {}).get(f"cramers_v/{attribute}", math.nan),
     }
     for name, value in m.get("retrieval", {}).items():
@@ -429,7 +442,7 @@ def fit_joint_heads(
     pairs: Mapping[str, Tensor] | None = None,
 ) -> tuple[JointHeads, list[dict[str, float]]]:
     """Fit joint heads on a frozen CLIP; with ``spec``/``splits``, keep the epoch with the best
-    ABLE on the eval split (else the last). ``pairs`` (from :func:`encode_pairs`) skips
+    ABLE averaged over ``spec.skew_ks`` (:func:`headline`) on that split (else the last). ``pairs`` (from :func:`encode_pairs`) skips
     re-encoding ``train_shards`` when several variants are fitted. Returns (heads, history)."""
     torch.manual_seed(seed)
     data = pairs or encode_pairs(
@@ -465,7 +478,7 @@ def fit_joint_heads(
             row.update(
                 evaluate_heads(cached, heads, tokenizer, preprocess, spec, splits, attribute)
             )
-            score = row[f"able@{spec.skew_ks[0]}"]
+            score = row[SELECT_KEY]
             if score > best:
                 best, best_state = score, copy.deepcopy(heads.state_dict())
         history.append(row)
