@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 export OMP_NUM_THREADS ?= 2
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo test test-all test-slurm lint format bench clean
+.PHONY: venv demo demo-lit test test-all test-slurm lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,14 @@ $(DATA)/train/sizes.json: | venv
 
 demo: venv $(DATA)/train/sizes.json
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA))
+
+# The text-bias demo (conf/experiment/demo_lit.yaml): a balanced image tower, locked; the text
+# tower fine-tuned on the biased split.
+BALANCED := $(dir $(DATA))synthetic_balanced
+demo-lit: venv $(DATA)/train/sizes.json
+	$(BIN)/fairclip-data synthetic out=$(BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7
+	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_balanced
+	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10

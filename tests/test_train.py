@@ -141,3 +141,26 @@ def test_config_errors_name_the_key(synthetic_dir: Path, tmp_path: Path) -> None
     module, dm, _ = build(cfg)
     with pytest.raises(FileNotFoundError, match=r"data.train_shards.*nope"):
         dm.setup("fit")
+
+
+def test_demo_lit_fine_tunes_only_the_text_tower_of_a_pretrained_model(
+    trained_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """experiment=demo_lit: the image tower is the pretrained one, bit for bit, after training;
+    the text tower moved (the bias can only be learned there)."""
+    from safetensors.torch import load_file
+
+    pretrained = trained_run / "export" / "open_clip_model.safetensors"
+    overrides = small_run_overrides(synthetic_dir, "trainer.max_steps=4", "trainer.max_epochs=1")
+    overrides = [o.replace("experiment=demo", "experiment=demo_lit") for o in overrides]
+    with pytest.raises(ValueError, match=r"model.lock_image=true .* model.model.pretrained"):
+        train(compose_train(overrides, tmp_path / "missing"))  # a locked random tower: refused
+    train(compose_train([*overrides, f"model.model.pretrained={pretrained}"], tmp_path / "run"))
+    before = load_file(pretrained)
+    after = load_file(tmp_path / "run" / "export" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys()
+    visual = [k for k in before if k.startswith("visual.")]
+    text = [k for k in before if k.startswith(("transformer.", "token_embedding", "ln_final"))]
+    assert visual and text
+    assert all(torch.equal(before[k], after[k]) for k in visual)
+    assert sum(not torch.equal(before[k], after[k]) for k in text) > len(text) // 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -79,6 +79,14 @@ class FairCLIPModule(L.LightningModule):
         if loss not in ("auto", "clip", "siglip"):
             raise ValueError(f"model.loss={loss!r}: expected one of 'auto', 'clip', 'siglip'")
         self.save_hyperparameters()
+        if (lock_image or lock_text) and not _has_weights(model):
+            tower = "image" if lock_image else "text"
+            raise ValueError(
+                f"model.lock_{tower}=true keeps the {tower} tower as it starts, but "
+                f"model.model.pretrained is not set and model.model.name={model.get('name')!r} "
+                "loads no weights: the locked tower would stay random. Set "
+                "model.model.pretrained=<tag or weights file> (or name=local-dir:<export dir>)."
+            )
         bundle = create_model(**model)
         self.model = bundle.model
         self.model_name = bundle.name
@@ -228,3 +236,9 @@ class FairCLIPModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         for metric in (self.val_loss, self.zero_shot, self.recall, self.skew):
             metric.reset()
+
+
+def _has_weights(model: Mapping[str, Any]) -> bool:
+    """Whether ``create_model(**model)`` starts from trained weights, not a random init."""
+    name = str(model.get("name") or "")
+    return bool(model.get("pretrained")) or name.startswith(("local-dir:", "hf-hub:"))
