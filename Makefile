@@ -28,8 +28,10 @@ demo: venv $(DATA)/train/sizes.json
 # The text-bias demo (conf/experiment/demo_lit.yaml): a balanced image tower, locked; the text
 # tower fine-tuned on the biased split.
 BALANCED := $(dir $(DATA))synthetic_balanced
-demo-lit: venv $(DATA)/train/sizes.json
+$(BALANCED)/train/sizes.json: | venv
 	$(BIN)/fairclip-data synthetic out=$(BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7
+
+demo-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_balanced
 	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
 

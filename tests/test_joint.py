@@ -58,6 +58,23 @@ def test_untrained_heads_are_identity_and_registered() -> None:
         JointHeads(16, 32, "both")
 
 
+def test_epochs_are_selected_by_able_averaged_over_every_depth() -> None:
+    """SELECT_KEY is the mean ABLE over spec.skew_ks (the first k alone hid top-k inversions);
+    a missing depth makes it NaN, never a mean over fewer depths."""
+    spec = SimpleNamespace(skew_ks=[300, 10, 50], able_query_set="concepts")
+    able = {
+        "able@300/gender/eq_opp": 0.9,
+        "able@10/gender/eq_opp": 0.6,
+        "able@50/gender/eq_opp": 0.75,
+    }
+    report = {"metrics": {"able": able, "zeroshot": {"acc": 0.8}}}
+    row = headline(report, spec)
+    assert row["able@300"] == 0.9
+    assert row[SELECT_KEY] == pytest.approx(0.75)
+    del able["able@10/gender/eq_opp"]
+    assert math.isnan(headline(report, spec)[SELECT_KEY])
+
+
 def test_token_swapper_and_group_balance() -> None:
     tok = create_model("fairclip-tiny").tokenizer
     swap = TokenSwapper(tok, {"woman": "man"})

@@ -439,7 +439,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if any(str(m).startswith("joint") for m in cfg.methods):
         leaks = str(selected_on) == str(splits["eval"])
         leak = " (the reported split itself: set splits.select)" if leaks else ""
-        depths = ", ".join(str(k) for k in dict.fromkeys([int(cfg.table_k), *cfg.skew_ks]))
+        depths = ", ".join(str(k) for k in spec.skew_ks)  # what the heads were scored on
         table += (
             f"\n\nJoint heads: epoch selected by ABLE averaged over k = {depths} on "
             f"{selected_on}{leak}."

@@ -442,8 +442,9 @@ def fit_joint_heads(
     pairs: Mapping[str, Tensor] | None = None,
 ) -> tuple[JointHeads, list[dict[str, float]]]:
     """Fit joint heads on a frozen CLIP; with ``spec``/``splits``, keep the epoch with the best
-    ABLE averaged over ``spec.skew_ks`` (:func:`headline`) on that split (else the last). ``pairs`` (from :func:`encode_pairs`) skips
-    re-encoding ``train_shards`` when several variants are fitted. Returns (heads, history)."""
+    ABLE averaged over ``spec.skew_ks`` (:func:`headline`) on that split (else the last).
+    ``pairs`` (from :func:`encode_pairs`) skips re-encoding ``train_shards`` when several
+    variants are fitted. Returns (heads, history)."""
     torch.manual_seed(seed)
     data = pairs or encode_pairs(
         model, tokenizer, preprocess, train_shards, attributes, concepts, attribute, swaps,
