@@ -70,6 +70,10 @@ def test_sem_modulation_rules_and_unknown_inputs() -> None:
         if variant != "b":  # matched inputs use the class's paraphrase median latent
             zq = sem.query_latents(unit, z)
             assert torch.equal(zq[0], sem.class_latents[0]) and torch.equal(zq[2], z[2])
+        # SEM_i modulates the class median itself; SEM_b/SEM_bi the input's own latent
+        modulated = zq if variant == "i" else z
+        expected = m * modulated + (1 - m) * sem.ref_median
+        assert torch.allclose(sem.modulated_latents(unit, z), expected)
     # M = 1 everywhere and keep_residual: SEM is the identity
     sem = fit_sem("b", sae, encode, ref, {"gender": {"a": ["p"], "b": ["p"]}}, None)
     assert torch.count_nonzero(sem.bias) == 0  # identical group prompts: no bias latent
@@ -140,6 +144,33 @@ def test_compare_table(table: dict) -> None:
         assert rows[name]["able@10"] > clip["able@10"], name
     assert rows["orth_proj"]["maxskew@10"] < clip["maxskew@10"] - 0.1
     assert rows["sem_i"]["acc"] >= clip["acc"] - 0.05
+
+
+def test_compare_over_seeds_reports_the_mean_and_the_spread(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """seeds=[0,1]: SEM's SAE is retrained per seed, the table is the mean of the seeds."""
+    cfg = _compare_cfg(
+        demo_run, synthetic_dir, tmp_path, "methods=[clip,sem_b]", "seeds=[0,1]",
+        "sae_train.epochs=60",
+    )  # fmt: skip
+    result = run(cfg)
+    per_seed = result["per_seed"]
+    assert [p["seed"] for p in per_seed] == [0, 1] and result["seeds"] == [0, 1]
+    for name in ("clip", "sem_b"):
+        for col, mean in result["rows"][name].items():
+            vals = [p["rows"][name][col] for p in per_seed]
+            assert mean == pytest.approx(sum(vals) / 2), (name, col)
+            assert result["spread"][name][col]["min"] == pytest.approx(min(vals))
+    assert per_seed[0]["rows"]["clip"] == per_seed[1]["rows"]["clip"]  # nothing random in clip
+    assert result["spread"]["clip"]["acc"]["std"] == 0.0
+    sem = [p["rows"]["sem_b"] for p in per_seed]
+    assert sem[0] != sem[1]  # a different SAE per seed
+    assert per_seed[0]["sae"]["fvu"] != per_seed[1]["sae"]["fvu"]
+    md = (tmp_path / "compare.md").read_text()
+    assert "Mean over seeds [0, 1]" in md and "| sem_b | " in md
+    with pytest.raises(ValueError, match="seeds="):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]", "seeds=[1,1]"))
 
 
 def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:

@@ -206,7 +206,7 @@ class CompareContext(Mapping[str, Any]):
                 epochs=int(st.epochs),
                 batch_size=int(st.batch_size),
                 lr=float(st.lr),
-                seed=int(self.cfg.seed),
+                seed=int(self.options.get("seed", self.cfg.seed)),
             )
             sae, _ = train_sae(data, sae_cfg, progress=False)
             self.sae_info["source"] = f"trained on {data.shape[0]} embeddings"
@@ -416,25 +416,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "group_prompts": spec.group_prompts.get(str(cfg.attribute)),
         **(OmegaConf.to_container(cfg.context, resolve=True) if cfg.get("context") else {}),
     }
-    ctx = CompareContext(cfg, bundle, device, run_dir=run_dir, options=options)
     out_dir = Path(cfg.output_dir)
-    rows, reports, depth = {}, {}, {}
-    for name in cfg.methods:
-        model = METHODS[name](bundle, ctx)
-        report = evaluate_model(
-            model, bundle.tokenizer, bundle.preprocess_val, spec, splits, device=device,
-            batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-            progress=bool(cfg.progress),
-        )  # fmt: skip
-        reports[name] = report["metrics"]
-        rows[name] = summarize(
-            report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
+    seeds = _seeds(cfg)
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        ctx = CompareContext(
+            cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}
         )
-        depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks)
-        if cfg.save_models:
-            model.save(out_dir / "models" / name)
-        log.info("%s: %s", name, rows[name])
-    table = markdown_table(rows, ctx.sae_info)
+        models_dir = out_dir / "models" / (f"seed{seed}" if len(seeds) > 1 else "")
+        runs.append(_evaluate_methods(cfg, bundle, ctx, spec, splits, depth_ks, models_dir))
+    rows, depth, reports, sae_info = runs[0]
+    if len(seeds) > 1:
+        rows = _mean_rows([r[0] for r in runs])
+        depth = _mean_rows([r[1] for r in runs])
+        sae_info = _mean_sae_info([r[3] for r in runs])
+    table = markdown_table(rows, sae_info)
+    if len(seeds) > 1:
+        table += _seeds_note(seeds, [r[0] for r in runs])
     selected_on = options["select_shards"] or splits["eval"]
     if any(str(m).startswith("joint") for m in cfg.methods):
         leaks = str(selected_on) == str(splits["eval"])
@@ -453,9 +452,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "rows": rows,
         "depth_ks": depth_ks,
         "depth": depth,
-        "sae": ctx.sae_info,
+        "sae": sae_info,
         "metrics": reports,
     }
+    if len(seeds) > 1:
+        result["seeds"] = seeds
+        result["per_seed"] = [
+            {"seed": seed, "rows": r[0], "depth": r[1], "sae": r[3]}
+            for seed, r in zip(seeds, runs, strict=True)
+        ]
+        result["spread"] = _spread([r[0] for r in runs])
     table += (
         f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}; plot: {DEPTH_PLOT}):\n\n"
         + "\n".join(_rows_markdown(depth))
@@ -466,6 +472,107 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")
     print(table)
     return result
+
+
+def _evaluate_methods(
+    cfg: DictConfig,
+    bundle: ModelBundle,
+    ctx: CompareContext,
+    spec: Any,
+    splits: Mapping[str, Any],
+    depth_ks: Sequence[int],
+    models_dir: Path,
+) -> tuple[dict, dict, dict, dict]:
+    """Build and evaluate every row of ``cfg.methods`` with one context (one seed)."""
+    rows, reports, depth = {}, {}, {}
+    for name in cfg.methods:
+        model = METHODS[name](bundle, ctx)
+        report = evaluate_model(
+            model, bundle.tokenizer, bundle.preprocess_val, spec, splits, device=ctx.device,
+            batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+            progress=bool(cfg.progress),
+        )  # fmt: skip
+        reports[name] = report["metrics"]
+        rows[name] = summarize(
+            report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
+        )
+        depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks)
+        if cfg.save_models:
+            model.save(models_dir / name)
+        log.info("seed %s, %s: %s", ctx["seed"], name, rows[name])
+    return rows, depth, reports, dict(ctx.sae_info)
+
+
+def _seeds(cfg: DictConfig) -> list[int]:
+    """``seeds`` (a list: one refit of every row per seed, the table their mean) or ``[seed]``.
+
+    Why: the SAE behind SEM, the joint heads and the random heads are trained from a random
+    start, and on a small model one seed's row can differ from the next by more than the
+    effect being measured; the mean and the per-seed spread say how much a row depends on it.
+    """
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return [int(cfg.seed)]
+    if (
+        not OmegaConf.is_list(seeds)
+        or not seeds
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"seeds={seeds!r}: expected null or a list of distinct integers")
+    return [int(v) for v in seeds]
+
+
+def _mean_rows(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
+    """Row-wise, column-wise mean over seeds."""
+    first = per_seed[0]
+    return {
+        name: {col: sum(r[name][col] for r in per_seed) / len(per_seed) for col in cols}
+        for name, cols in first.items()
+    }
+
+
+def _spread(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
+    """``{row: {column: {"std", "min", "max"}}}`` over seeds (population std)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, cols in per_seed[0].items():
+        out[name] = {}
+        for col in cols:
+            vals = torch.tensor([r[name][col] for r in per_seed], dtype=torch.float64)
+            out[name][col] = {
+                "std": float(vals.std(unbiased=False)),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+            }
+    return out
+
+
+def _mean_sae_info(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The SAE line under the table: numeric values averaged over seeds."""
+    if not per_seed[0]:
+        return {}
+    return {
+        k: sum(i[k] for i in per_seed) / len(per_seed) if isinstance(v, float) else v
+        for k, v in per_seed[0].items()
+    }
+
+
+def _seeds_note(seeds: Sequence[int], per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> str:
+    """Under a mean table: the seeds and each row's range (min..max) of the main columns."""
+    cols = [c for c in next(iter(per_seed[0].values())) if c != "cramers_v"]
+    spread = _spread(per_seed)
+    lines = [
+        "",
+        "",
+        f"Mean over seeds {list(seeds)} (every row refit per seed); range min..max over seeds:",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for name, by_col in spread.items():
+        cells = [f"{by_col[c]['min']:.3f}..{by_col[c]['max']:.3f}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _depth_ks(cfg: DictConfig, eval_shards: Any) -> list[int]:

@@ -18,7 +18,8 @@ prompts (activations ``A_D``, medians ``med_D``) and a query latent ``z_q``:
 Variants (which side information each uses):
 
 * ``i``  (SEM_i):  class paraphrases only; ``z_q`` is the median latent of the paraphrases of
-  the class the input matches, no bias prompts (``b = 0``, ``M = c^2``);
+  the class the input matches, no bias prompts (``b = 0``, ``M = c^2``), and ``z_q`` is also
+  the latent that is modulated (``z' = M z_q + (1 - M) med_D``, as in the authors' code);
 * ``b``  (SEM_b):  bias prompts, content score on the input's own latent,
   ``M = (1 + c - b)^2``;
 * ``bi`` (SEM_bi): both: bias score and paraphrase-median content, ``M = (1 + c - b)^2``.
@@ -149,14 +150,26 @@ class SEM(Intervention):
             return c.square()
         return (1.0 + c - self.bias).square()
 
+    def modulated_latents(self, emb_unit: Tensor, z: Tensor) -> Tensor:
+        """``z' = M z + (1 - M) med_D``; SEM_i modulates ``z_q`` itself (the class's median).
+
+        SEM_i has no bias score to tell group latents from content, so, as in the authors'
+        code, a matched query is replaced by the median over its paraphrases (which averages
+        away wording-specific latents) before the modulation; SEM_b and SEM_bi modulate the
+        input's own latent.
+        """
+        m = self.modulation(emb_unit, z)
+        if self.variant == "i":
+            z = self.query_latents(emb_unit, z)
+        return m * z + (1.0 - m) * self.ref_median
+
     def forward(self, emb: Tensor) -> Tensor:
         dtype = emb.dtype
         x = emb.float()
         norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit = x / norm
         z = self.sae.encode(unit)
-        m = self.modulation(unit, z)
-        z_mod = m * z + (1.0 - m) * self.ref_median
+        z_mod = self.modulated_latents(unit, z)
         out = self.sae.decode(z_mod)
         if self.config["keep_residual"]:
             out = out + (unit - self.sae.decode(z))
