@@ -3,8 +3,8 @@
 Why a callback: the heads must match the exact weights the run ends with. ``mode=during``
 steps the heads on the labelled part of every training batch (features from the model being
 fine-tuned, no gradient into CLIP) and scores ABLE (averaged over ``skew_ks``) on the
-selection split at each epoch end, keeping the best epoch; ``mode=train_end`` fits them once CLIP is final, frozen (the paper's
-setting). Either way rank 0 writes a loadable DebiasedCLIP to ``dirpath`` with
+selection split at each epoch end, keeping the best epoch; ``mode=train_end`` fits them once
+CLIP is final, frozen (the paper's setting). Either way rank 0 writes a loadable DebiasedCLIP to ``dirpath`` with
 ``history.json``. Under DDP each rank steps its own copy on its shard of the data
 (the heads are tiny) with the gradients averaged over ranks, from rank 0's initial weights,
 so every rank holds the same heads (trained on all shards) and the per-epoch ABLE, computed

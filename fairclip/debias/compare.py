@@ -426,14 +426,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         models_dir = out_dir / "models" / (f"seed{seed}" if len(seeds) > 1 else "")
         runs.append(_evaluate_methods(cfg, bundle, ctx, spec, splits, depth_ks, models_dir))
-    rows, depth, reports, sae_info = runs[0]
+    rows, depth, sae_info, spread = runs[0].rows, runs[0].depth, runs[0].sae, {}
     if len(seeds) > 1:
-        rows = _mean_rows([r[0] for r in runs])
-        depth = _mean_rows([r[1] for r in runs])
-        sae_info = _mean_sae_info([r[3] for r in runs])
+        rows = _mean_rows([r.rows for r in runs])
+        depth = _mean_rows([r.depth for r in runs])
+        sae_info = _mean_sae_info([r.sae for r in runs])
+        spread = _spread([r.rows for r in runs])
     table = markdown_table(rows, sae_info)
     if len(seeds) > 1:
-        table += _seeds_note(seeds, [r[0] for r in runs])
+        table += _seeds_note(seeds, spread)
     selected_on = options["select_shards"] or splits["eval"]
     if any(str(m).startswith("joint") for m in cfg.methods):
         leaks = str(selected_on) == str(splits["eval"])
@@ -453,15 +454,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "depth_ks": depth_ks,
         "depth": depth,
         "sae": sae_info,
-        "metrics": reports,
+        "metrics": runs[0].reports,
     }
     if len(seeds) > 1:
         result["seeds"] = seeds
         result["per_seed"] = [
-            {"seed": seed, "rows": r[0], "depth": r[1], "sae": r[3]}
+            {"seed": seed, "rows": r.rows, "depth": r.depth, "sae": r.sae}
             for seed, r in zip(seeds, runs, strict=True)
         ]
-        result["spread"] = _spread([r[0] for r in runs])
+        result["spread"] = spread
     table += (
         f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}; plot: {DEPTH_PLOT}):\n\n"
         + "\n".join(_rows_markdown(depth))
@@ -474,6 +475,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class SeedRun:
+    """Every row of one seed: table columns, skew by depth, full metrics, the SAE line."""
+
+    rows: dict[str, dict[str, float]]
+    depth: dict[str, dict[str, float]]
+    reports: dict[str, Any]
+    sae: dict[str, Any]
+
+
 def _evaluate_methods(
     cfg: DictConfig,
     bundle: ModelBundle,
@@ -482,7 +493,7 @@ def _evaluate_methods(
     splits: Mapping[str, Any],
     depth_ks: Sequence[int],
     models_dir: Path,
-) -> tuple[dict, dict, dict, dict]:
+) -> SeedRun:
     """Build and evaluate every row of ``cfg.methods`` with one context (one seed)."""
     rows, reports, depth = {}, {}, {}
     for name in cfg.methods:
@@ -500,7 +511,7 @@ def _evaluate_methods(
         if cfg.save_models:
             model.save(models_dir / name)
         log.info("seed %s, %s: %s", ctx["seed"], name, rows[name])
-    return rows, depth, reports, dict(ctx.sae_info)
+    return SeedRun(rows, depth, reports, dict(ctx.sae_info))
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
@@ -557,10 +568,10 @@ def _mean_sae_info(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _seeds_note(seeds: Sequence[int], per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> str:
-    """Under a mean table: the seeds and each row's range (min..max) of the main columns."""
-    cols = [c for c in next(iter(per_seed[0].values())) if c != "cramers_v"]
-    spread = _spread(per_seed)
+def _seeds_note(seeds: Sequence[int], spread: Mapping[str, Mapping[str, Any]]) -> str:
+    """Under a mean table: the seeds and each row's range (min..max) of the main columns
+    (from :func:`_spread`)."""
+    cols = [c for c in next(iter(spread.values())) if c != "cramers_v"]
     lines = [
         "",
         "",
