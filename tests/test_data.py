@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from fairclip.data.datamodule import ShardDataModule
 from fairclip.data.samples import Collate, SampleDecoder
-from fairclip.data.shards import list_shards, write_shards
+from fairclip.data.shards import list_shards, read_captions, write_shards
 from fairclip.data.stream import ShardStream, stream_loader, worker_quotas
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
 
@@ -70,6 +70,29 @@ def test_eval_split_is_exactly_balanced(synthetic_dir: Path) -> None:
     neutral = read_labels(synthetic_dir / "neutral")
     assert all("concept" not in lab for lab in neutral)
     assert Counter(lab["gender"] for lab in neutral) == {"female": 60, "male": 60}
+
+
+def test_compositional_captions_vary_the_wording_and_keep_the_labels(tmp_path: Path) -> None:
+    cfg = SyntheticConfig(seed=0, captions="compositional", group_word_rate=0.5)
+    samples = list(generate_samples("train", 2000, cfg))
+    texts = [s["txt"] for s in samples]
+    plain = [s["txt"] for s in generate_samples("train", 2000, SyntheticConfig(seed=0))]
+    assert len(set(texts)) > 1000 > 5 * len(set(plain))  # ~200 template captions at most
+    for s in samples:  # every caption names its own occupation, and only a true gender
+        assert s["json"]["concept"] in s["txt"]
+        other = {"female": ("man", "male"), "male": ("woman", "lady", "female")}
+        words = set(s["txt"].rstrip(".").replace(",", "").split())
+        assert not words & set(other[s["json"]["gender"]]), s["txt"]
+    named = [t for t in texts if {"woman", "lady", "man", "gentleman", "male", "female"} & set(
+        t.rstrip(".").replace(",", "").split())]  # fmt: skip
+    assert len(named) / len(texts) == pytest.approx(0.5, abs=0.05)
+    assert "a photo of a doctor." in texts  # the zero-shot prompt is in the vocabulary
+
+    write_shards(iter(samples[:30]), tmp_path / "c", prefix="c", shard_size=8, total=30)
+    assert read_captions(tmp_path / "c", 20) == texts[:20]
+    assert read_captions(tmp_path / "c", 100) == texts[:30]
+    with pytest.raises(ValueError, match=r"synthetic.captions='poetry'"):
+        SyntheticConfig(captions="poetry").validate()
 
 
 def test_write_shards_records_sizes_and_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from fairclip.data.shards import read_captions, write_shards
+from fairclip.data.synthetic import SyntheticConfig, generate_samples
 from fairclip.debias.compare import METHODS, CompareContext, expand_prompts, register_method, run
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
@@ -128,6 +130,7 @@ def test_compare_table(table: dict) -> None:
     assert list(rows) == ["clip", "orth_proj", "sem_i", "sem_b", "sem_bi"]
     md = (table["out"] / "compare.md").read_text()
     assert "| sem_bi |" in md and "fvu=" in md and "dead_fraction=" in md
+    assert all(0.0 <= r["class_group_gap"] <= 1.0 for r in rows.values())
     assert json.loads((table["out"] / "compare.json").read_text())["rows"] == rows
     assert 0 <= table["sae"]["fvu"] < 0.2 and table["sae"]["dead_fraction"] < 0.5
     clip = rows["clip"]
@@ -171,6 +174,25 @@ def test_compare_over_seeds_reports_the_mean_and_the_spread(
     assert "Mean over seeds [0, 1]" in md and "| sem_b | " in md
     with pytest.raises(ValueError, match="seeds="):
         run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]", "seeds=[1,1]"))
+
+
+def test_sae_corpus_adds_the_training_captions(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """sae_train.caption_samples: the SAE also sees the captions the model was tuned on."""
+    cfg_synth = SyntheticConfig(captions="compositional")
+    write_shards(generate_samples("train", 300, cfg_synth), tmp_path / "c", "c", progress=False)
+    cfg = _compare_cfg(
+        demo_run, synthetic_dir, tmp_path, f"data.train_shards={tmp_path}/c",
+        "sae_train.caption_samples=200", "sae_train.epochs=2",
+    )  # fmt: skip
+    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    captions = read_captions(tmp_path / "c", 200)
+    assert len(captions) == 200
+    templates = set(ctx.prompt_list("sae_corpus")) | set(ctx.prompt_list("reference_prompts"))
+    assert len(set(captions) - templates) > 50  # compositional captions the templates lack
+    assert ctx.sae.cfg.n_latents == 256
+    assert ctx.sae_info["corpus_prompts"] == len(templates | set(captions))
 
 
 def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:

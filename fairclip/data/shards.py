@@ -103,6 +103,22 @@ def count_tar_samples(url: str) -> int:
     return len(keys)
 
 
+def read_captions(spec: str | Path | list, n: int, config_key: str = "data.shards") -> list[str]:
+    """The ``txt`` captions of the first ``n`` samples of the shards in ``spec`` (in order).
+
+    Reads only the caption members, so a text corpus (e.g. for an SAE) costs no image decode.
+    """
+    out: list[str] = []
+    for shard in list_shards(spec, config_key):
+        with tarfile.open(shard.url) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".txt"):
+                    out.append(tar.extractfile(member).read().decode("utf-8").strip())
+                    if len(out) >= n:
+                        return out
+    return out
+
+
 def list_shards(spec: str | Path | list, config_key: str = "data.shards") -> list[Shard]:
     """Resolve a shard spec to shards with sizes.
 

@@ -40,6 +40,7 @@ CONCEPTS = tuple(c for pair in CONCEPT_PAIRS for c in pair)
 # +1: stereotypically male, -1: stereotypically female.
 STEREOTYPE = np.array([1 if i % 2 == 0 else -1 for i in range(len(CONCEPTS))])
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"gender": GENDERS, "age": AGES}
+CAPTION_STYLES = ("templates", "compositional")
 
 _PAIR_HUES = np.array([[200, 40, 40], [40, 160, 60], [50, 80, 210], [220, 190, 40]], np.float32)
 _HAIR = np.array([[25, 20, 20], [120, 70, 30], [185, 185, 185]], np.float32)  # by age
@@ -56,6 +57,26 @@ _GROUP_TEMPLATES = (
 )
 _NEUTRAL_TEMPLATES = ("a photo of a person.", "a photo of a {a} {g}.", "a {g} standing.")
 
+# captions="compositional": a frame around a subject phrase, with gender synonyms, so the
+# text tower sees every word in many contexts (thousands of distinct captions instead of
+# ~200) and has to compose them, as a text encoder trained on web captions does. The
+# zero-shot and query prompts ("a photo of a {c}.", "a {c} at work.") stay in the vocabulary.
+_FRAMES = (
+    "a photo of {s}.", "an image of {s}.", "a picture of {s}.", "a close-up of {s}.",
+    "a portrait of {s}.", "{s}.", "a blurry photo of {s}.", "a bright photo of {s}.",
+)  # fmt: skip
+_SUBJECTS = (
+    "a {c}", "the {c}", "a {c} at work", "someone who works as a {c}",
+    "a person working as a {c}", "a {c} standing", "a smiling {c}",
+)  # fmt: skip
+_GROUP_SUBJECTS = (
+    "a {a} {g} who works as a {c}", "a {g} working as a {c}", "a {g}, a {c}",
+    "a {c}, a {a} {g}", "a {a} {gadj} {c}", "a {c} who is a {g}",
+)  # fmt: skip
+_NEUTRAL_SUBJECTS = ("a person", "someone", "a {a} {g}", "a {g} standing", "a {g}", "the {g}")
+_GENDER_SYNONYMS = (("woman", "lady"), ("man", "gentleman"))
+_GENDER_ADJ = ("female", "male")
+
 
 @dataclass
 class SyntheticConfig:
@@ -71,6 +92,7 @@ class SyntheticConfig:
     noise: float = 12.0
     seed: int = 0
     concepts: tuple[str, ...] = field(default=CONCEPTS)
+    captions: str = "templates"
 
     def validate(self) -> None:
         for name in (
@@ -87,6 +109,10 @@ class SyntheticConfig:
             raise ValueError(
                 f"synthetic.age_shares={list(self.age_shares)}: expected {len(AGES)} shares "
                 f"(for {list(AGES)}) summing to 1"
+            )
+        if self.captions not in CAPTION_STYLES:
+            raise ValueError(
+                f"synthetic.captions={self.captions!r}: expected one of {list(CAPTION_STYLES)}"
             )
         if self.image_size < 24:
             raise ValueError(f"synthetic.image_size={self.image_size}: expected >= 24 pixels")
@@ -173,7 +199,9 @@ def render(
 
 
 def captions(labels: dict, cfg: SyntheticConfig, rng: np.random.Generator) -> list[str]:
-    """Template captions naming the concept and, at ``group_word_rate``, the groups."""
+    """Captions naming the concept and, at ``group_word_rate``, the groups."""
+    if cfg.captions == "compositional":
+        return compositional_captions(labels, cfg, rng)
     n = len(labels["gender"])
     with_group = rng.random(n) < cfg.group_word_rate
     pick = rng.integers(0, 4, n)
@@ -190,6 +218,28 @@ def captions(labels: dict, cfg: SyntheticConfig, rng: np.random.Generator) -> li
             out.append(_GROUP_TEMPLATES[pick[i]].format(a=a, g=g, c=CONCEPTS[c]))
         else:
             out.append(_TEMPLATES[pick[i]].format(c=CONCEPTS[c]))
+    return out
+
+
+def compositional_captions(
+    labels: dict, cfg: SyntheticConfig, rng: np.random.Generator
+) -> list[str]:
+    """A random frame around a random subject phrase (``captions="compositional"``)."""
+    n = len(labels["gender"])
+    with_group = rng.random(n) < cfg.group_word_rate
+    frame, subject, synonym = rng.integers(0, 1 << 16, (3, n))
+    out = []
+    for i in range(n):  # string formatting only
+        c, gi, a = labels["concept"][i], labels["gender"][i], AGES[labels["age"][i]]
+        g = _GENDER_SYNONYMS[gi][synonym[i] % 2]
+        if c < 0:
+            pool = _NEUTRAL_SUBJECTS if with_group[i] else _NEUTRAL_SUBJECTS[:2]
+        else:
+            pool = _GROUP_SUBJECTS if with_group[i] else _SUBJECTS
+        phrase = pool[subject[i] % len(pool)].format(
+            a=a, g=g, gadj=_GENDER_ADJ[gi], c=CONCEPTS[max(c, 0)]
+        )
+        out.append(_FRAMES[frame[i] % len(_FRAMES)].format(s=phrase))
     return out
 
 

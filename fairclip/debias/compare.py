@@ -39,7 +39,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fairclip.data.shards import atomic_write_text, list_shards
+from fairclip.data.shards import atomic_write_text, list_shards, read_captions
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
@@ -182,6 +182,9 @@ class CompareContext(Mapping[str, Any]):
     def _load_or_train_sae(self) -> MatryoshkaTopKSAE:
         choice = str(self.cfg.sae)
         corpus = self.prompt_list("sae_corpus")
+        captions = int(self.cfg.sae_train.caption_samples)
+        if captions > 0:
+            corpus += read_captions(self.cfg.data.train_shards, captions, "data.train_shards")
         corpus = list(dict.fromkeys([*corpus, *self.prompt_list("reference_prompts")]))
         text = self.encode(corpus)
         if choice == "auto" and self.run_dir is not None and (self.run_dir / SAE_FILE).is_file():
@@ -298,6 +301,7 @@ def summarize(
         "acc": zs.get("acc", nan),
         "worst_group_acc": zs.get(f"worst_group_acc/{attribute}", nan),
         "worst_class_group_acc": zs.get(f"worst_class_group_acc/{attribute}", nan),
+        "class_group_gap": zs.get(f"class_group_gap/{attribute}", nan),
         f"maxskew@{k}": skew.get(f"maxskew@{k}/{attribute}/{target}", nan),
         f"ndkl@{k}": skew.get(f"ndkl@{k}/{attribute}/{target}", nan),
         f"able@{k}": able.get(f"able@{k}/{attribute}/{target}", nan),
