@@ -194,6 +194,14 @@ def test_sae_corpus_adds_the_training_captions(
     assert ctx.sae.cfg.n_latents == 256
     assert ctx.sae_info["corpus_prompts"] == len(templates | set(captions))
 
+    no_text = (
+        {k: v for k, v in x.items() if k != "txt"} for x in generate_samples("eval", 48, cfg_synth)
+    )
+    write_shards(no_text, tmp_path / "n", "n", progress=False)
+    cfg.data.train_shards = str(tmp_path / "n")
+    with pytest.raises(ValueError, match=r"caption_samples=200: data.train_shards=.* no .txt"):
+        _ = CompareContext(cfg, ctx.bundle, torch.device("cpu")).sae
+
 
 def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:
     saved = json.loads((table["out"] / "compare.json").read_text())

@@ -184,7 +184,13 @@ class CompareContext(Mapping[str, Any]):
         corpus = self.prompt_list("sae_corpus")
         captions = int(self.cfg.sae_train.caption_samples)
         if captions > 0:
-            corpus += read_captions(self.cfg.data.train_shards, captions, "data.train_shards")
+            found = read_captions(self.cfg.data.train_shards, captions, "data.train_shards")
+            if not found:
+                raise ValueError(
+                    f"sae_train.caption_samples={captions}: data.train_shards="
+                    f"{self.cfg.data.train_shards!r} has no .txt captions"
+                )
+            corpus += found
         corpus = list(dict.fromkeys([*corpus, *self.prompt_list("reference_prompts")]))
         text = self.encode(corpus)
         if choice == "auto" and self.run_dir is not None and (self.run_dir / SAE_FILE).is_file():
