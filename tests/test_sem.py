@@ -17,7 +17,7 @@ from fairclip.debias.compare import METHODS, CompareContext, expand_prompts, reg
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig
-from fairclip.debias.sem import SEM, bias_score, content_score, fit_sem
+from fairclip.debias.sem import SEM, bias_score, content_score, fit_sem, flagged_lean_share
 from fairclip.model.factory import load_model
 from fairclip.runtime import CONF_DIR
 
@@ -87,6 +87,26 @@ def test_sem_modulation_rules_and_unknown_inputs() -> None:
         SEM("x", sae.cfg.to_dict(), n_reference=1)
 
 
+def test_flagged_lean_share_splits_the_lean_by_latent() -> None:
+    """Lean decoded from flagged latents over the whole lean, against a hand computation."""
+    sae = MatryoshkaTopKSAE(SAEConfig(d_in=4, n_latents=4, k_levels=(2, 4)))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+        sae.b_enc.zero_(), sae.b_pre.zero_()
+    sem = SEM("b", sae.cfg.to_dict(), n_reference=1)
+    sem.sae.load_state_dict(sae.state_dict())
+    sem.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # latent 0 is the flagged one
+    direction = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    # row 1 leans 0.6 + 0.2, 0.6 of it from latent 0 (share 0.75); row 2 does not lean
+    emb = torch.tensor([[0.6, 0.2, 0.0, 0.7746], [0.0, 0.0, 0.9, 0.4359]])
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    expected = float(unit[0, 0] / (unit[0, 0] + unit[0, 1]))  # row 2 has no lean
+    assert flagged_lean_share(sem, emb, direction) == pytest.approx(expected, rel=1e-4)
+    sem.bias.zero_()  # nothing flagged: no part of the lean SEM could remove
+    assert flagged_lean_share(sem, emb, direction) == 0.0
+
+
 def test_expand_prompts() -> None:
     spec = {"templates": ["a {a} {g}.", "a {g}."], "words": {"g": ["man", "woman"], "a": ["old"]}}
     assert expand_prompts(spec, "k") == ["a old man.", "a old woman.", "a man.", "a woman."]
@@ -131,6 +151,10 @@ def test_compare_table(table: dict) -> None:
     md = (table["out"] / "compare.md").read_text()
     assert "| sem_bi |" in md and "fvu=" in md and "dead_fraction=" in md
     assert all(0.0 <= r["class_group_gap"] <= 1.0 for r in rows.values())
+    # class prompts lean toward a gender in clip; Orth-Proj projects that direction out
+    assert rows["clip"]["class_lean"] > 0.01
+    assert abs(rows["orth_proj"]["class_lean"]) < 0.1 * rows["clip"]["class_lean"]
+    assert -1.0 <= table["sae"]["flagged_lean_share"] <= 1.5
     assert json.loads((table["out"] / "compare.json").read_text())["rows"] == rows
     assert 0 <= table["sae"]["fvu"] < 0.2 and table["sae"]["dead_fraction"] < 0.5
     clip = rows["clip"]

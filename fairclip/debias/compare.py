@@ -43,7 +43,7 @@ from fairclip.data.shards import atomic_write_text, list_shards, read_captions
 from fairclip.debias.orth import fit_orth_proj
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
-from fairclip.debias.sem import fit_sem
+from fairclip.debias.sem import fit_sem, flagged_lean_share
 from fairclip.evaluate import (
     encode_prompts,
     evaluate_model,
@@ -138,6 +138,7 @@ class CompareContext(Mapping[str, Any]):
     options: dict[str, Any] = field(default_factory=dict)
     sae_info: dict[str, Any] = field(default_factory=dict)
     _sae: MatryoshkaTopKSAE | None = None
+    _directions: torch.Tensor | None = None
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -172,6 +173,23 @@ class CompareContext(Mapping[str, Any]):
     def class_prompts(self) -> dict[str, list[str]]:
         templates = list(self.cfg.debias.class_templates)
         return {str(c): [t.format(c) for t in templates] for c in self.cfg.debias.classes}
+
+    def class_prompt_list(self) -> list[str]:
+        """The zero-shot class prompts (every template x concept) the lean is measured on."""
+        spec = self.options.get("spec") or spec_from_cfg(_eval_view(self.cfg))
+        return [t.format(c) for c in spec.concepts for t in spec.zero_shot_templates]
+
+    def lean_directions(self) -> torch.Tensor | None:
+        """Per value of ``cfg.attribute``: its bias prompts' mean minus the other values' mean
+        (base model, unit embeddings) [V, D]; None without bias prompts for the attribute."""
+        if self._directions is None:
+            values = self.bias_prompts().get(str(self.cfg.attribute))
+            if not values or len(values) < 2:
+                return None
+            means = torch.stack([self.encode(p).mean(0) for p in values.values()])
+            others = (means.sum(0, keepdim=True) - means) / (len(means) - 1)
+            self._directions = means - others
+        return self._directions
 
     @property
     def sae(self) -> MatryoshkaTopKSAE:
@@ -284,6 +302,10 @@ def _sem_builder(variant: str) -> Builder:
             keep_residual=bool(ctx.cfg.debias.keep_residual),
             key="debias",
         )
+        directions = ctx.lean_directions()
+        if variant != "i" and directions is not None:
+            prompts = ctx.encode(ctx.class_prompt_list())
+            ctx.sae_info["flagged_lean_share"] = flagged_lean_share(sem, prompts, directions)
         return DebiasedCLIP(bundle.model, bundle.name, text=[sem])
 
     build.__doc__ = f"SEM_{variant} (Guimard et al. 2026) on the model's text SAE."
@@ -315,6 +337,22 @@ def summarize(
         f"i2t_R@{recall_k}": rec.get(f"i2t_R@{recall_k}", nan),
         f"t2i_R@{recall_k}": rec.get(f"t2i_R@{recall_k}", nan),
     }
+
+
+@torch.no_grad()
+def class_lean(model: DebiasedCLIP, bundle: ModelBundle, ctx: CompareContext) -> float:
+    """Mean lean of the class prompts along ``cfg.attribute``'s bias-prompt directions.
+
+    Each (prompt, value) lean is signed by the base model's, so the clip row reads the mean
+    |lean| and a method reads lower when it removes the lean (negative: flipped it). A text-
+    side diagnostic: how far each class prompt sits toward one group. NaN without bias prompts.
+    """
+    directions = ctx.lean_directions()
+    if directions is None:
+        return float("nan")
+    prompts = ctx.class_prompt_list()
+    lean = encode_prompts(model, bundle.tokenizer, prompts, ctx.device) @ directions.T
+    return float((lean * (ctx.encode(prompts) @ directions.T).sign()).mean())
 
 
 def skew_by_depth(
@@ -517,6 +555,7 @@ def _evaluate_methods(
         rows[name] = summarize(
             report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
         )
+        rows[name]["class_lean"] = class_lean(model, bundle, ctx)
         depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks)
         if cfg.save_models:
             model.save(models_dir / name)

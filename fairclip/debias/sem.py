@@ -46,7 +46,7 @@ from torch import Tensor
 from fairclip.debias.pipeline import Intervention, register
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig
 
-__all__ = ["SEM", "VARIANTS", "content_score", "bias_score", "fit_sem"]
+__all__ = ["SEM", "VARIANTS", "content_score", "bias_score", "fit_sem", "flagged_lean_share"]
 
 VARIANTS = ("i", "b", "bi")
 Encoder = Callable[[Sequence[str]], Tensor]
@@ -246,3 +246,20 @@ def fit_sem(
         )
         sem.key_owner.copy_(owner)
     return sem.eval()
+
+
+@torch.no_grad()
+def flagged_lean_share(sem: SEM, emb: Tensor, directions: Tensor, threshold: float = 0.5) -> float:
+    """Share of the rows' lean along ``directions`` [V, D] decoded from bias-flagged latents.
+
+    SEM can only shrink the part of a prompt's group lean that the SAE puts in latents the
+    bias prompts flag (``b > threshold``); the rest sits in content latents, which SEM_b
+    amplifies (``M = (1 + c)^2``). Each row's lean is signed by its own direction, so the
+    share is in [-1, 1]-ish: near 1 SEM can remove the lean, near 0 (or below) it cannot.
+    """
+    unit = F.normalize(emb.float(), dim=-1)
+    flagged = sem.bias > threshold
+    z = sem.sae.encode(unit)[:, flagged]
+    part = (z @ sem.sae.W_dec[flagged]) / sem.sae.input_scale
+    total = unit @ directions.T
+    return float((total.sign() * (part @ directions.T)).sum() / total.abs().sum().clamp_min(1e-12))
