@@ -254,8 +254,9 @@ def flagged_lean_share(sem: SEM, emb: Tensor, directions: Tensor, threshold: flo
 
     SEM can only shrink the part of a prompt's group lean that the SAE puts in latents the
     bias prompts flag (``b > threshold``); the rest sits in content latents, which SEM_b
-    amplifies (``M = (1 + c)^2``). Each row's lean is signed by its own direction, so the
-    share is in [-1, 1]-ish: near 1 SEM can remove the lean, near 0 (or below) it cannot.
+    amplifies (``M = (1 + c)^2``). Each row's lean is signed by its own sign, so near 1 SEM
+    can remove the lean and near 0 it cannot; below 0 or above 1 the flagged and content
+    parts point opposite ways (the lean also has a b_pre and a residual part).
     """
     unit = F.normalize(emb.float(), dim=-1)
     flagged = sem.bias > threshold
