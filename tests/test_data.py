@@ -78,9 +78,9 @@ def test_compositional_captions_vary_the_wording_and_keep_the_labels(tmp_path: P
     texts = [s["txt"] for s in samples]
     plain = [s["txt"] for s in generate_samples("train", 2000, SyntheticConfig(seed=0))]
     assert len(set(texts)) > 1000 > 5 * len(set(plain))  # ~200 template captions at most
+    other = {"female": ("man", "gentleman", "male"), "male": ("woman", "lady", "female")}
     for s in samples:  # every caption names its own occupation, and only a true gender
         assert s["json"]["concept"] in s["txt"]
-        other = {"female": ("man", "male"), "male": ("woman", "lady", "female")}
         words = set(s["txt"].rstrip(".").replace(",", "").split())
         assert not words & set(other[s["json"]["gender"]]), s["txt"]
     named = [t for t in texts if {"woman", "lady", "man", "gentleman", "male", "female"} & set(

@@ -93,7 +93,8 @@ def test_flagged_lean_share_splits_the_lean_by_latent() -> None:
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(4))
         sae.W_dec.copy_(torch.eye(4))
-        sae.b_enc.zero_(), sae.b_pre.zero_()
+        sae.b_enc.zero_()
+        sae.b_pre.zero_()
     sem = SEM("b", sae.cfg.to_dict(), n_reference=1)
     sem.sae.load_state_dict(sae.state_dict())
     sem.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # latent 0 is the flagged one

@@ -138,7 +138,7 @@ class CompareContext(Mapping[str, Any]):
     options: dict[str, Any] = field(default_factory=dict)
     sae_info: dict[str, Any] = field(default_factory=dict)
     _sae: MatryoshkaTopKSAE | None = None
-    _directions: torch.Tensor | None = None
+    _lean_basis: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -179,17 +179,21 @@ class CompareContext(Mapping[str, Any]):
         spec = self.options.get("spec") or spec_from_cfg(_eval_view(self.cfg))
         return [t.format(c) for c in spec.concepts for t in spec.zero_shot_templates]
 
-    def lean_directions(self) -> torch.Tensor | None:
-        """Per value of ``cfg.attribute``: its bias prompts' mean minus the other values' mean
-        (base model, unit embeddings) [V, D]; None without bias prompts for the attribute."""
-        if self._directions is None:
+    def lean_basis(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the class-prompt lean is measured against, encoded once per context.
+
+        ``(directions [V, D], base [P, D])``: per value of ``cfg.attribute``, its bias
+        prompts' mean minus the other values' mean, and the base model's class prompts (unit
+        embeddings). None without bias prompts for >= 2 values of the attribute.
+        """
+        if self._lean_basis is None:
             values = self.bias_prompts().get(str(self.cfg.attribute))
             if not values or len(values) < 2:
                 return None
             means = torch.stack([self.encode(p).mean(0) for p in values.values()])
             others = (means.sum(0, keepdim=True) - means) / (len(means) - 1)
-            self._directions = means - others
-        return self._directions
+            self._lean_basis = (means - others, self.encode(self.class_prompt_list()))
+        return self._lean_basis
 
     @property
     def sae(self) -> MatryoshkaTopKSAE:
@@ -302,10 +306,10 @@ def _sem_builder(variant: str) -> Builder:
             keep_residual=bool(ctx.cfg.debias.keep_residual),
             key="debias",
         )
-        directions = ctx.lean_directions()
-        if variant != "i" and directions is not None:
-            prompts = ctx.encode(ctx.class_prompt_list())
-            ctx.sae_info["flagged_lean_share"] = flagged_lean_share(sem, prompts, directions)
+        basis = ctx.lean_basis()
+        if variant != "i" and basis is not None:
+            directions, base = basis
+            ctx.sae_info["flagged_lean_share"] = flagged_lean_share(sem, base, directions)
         return DebiasedCLIP(bundle.model, bundle.name, text=[sem])
 
     build.__doc__ = f"SEM_{variant} (Guimard et al. 2026) on the model's text SAE."
@@ -347,12 +351,12 @@ def class_lean(model: DebiasedCLIP, bundle: ModelBundle, ctx: CompareContext) ->
     |lean| and a method reads lower when it removes the lean (negative: flipped it). A text-
     side diagnostic: how far each class prompt sits toward one group. NaN without bias prompts.
     """
-    directions = ctx.lean_directions()
-    if directions is None:
+    basis = ctx.lean_basis()
+    if basis is None:
         return float("nan")
-    prompts = ctx.class_prompt_list()
-    lean = encode_prompts(model, bundle.tokenizer, prompts, ctx.device) @ directions.T
-    return float((lean * (ctx.encode(prompts) @ directions.T).sign()).mean())
+    directions, base = basis
+    emb = encode_prompts(model, bundle.tokenizer, ctx.class_prompt_list(), ctx.device)
+    return float(((emb @ directions.T) * (base @ directions.T).sign()).mean())
 
 
 def skew_by_depth(
