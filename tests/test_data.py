@@ -16,13 +16,20 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from fairclip.data.datamodule import ShardDataModule
 from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards, read_captions, write_shards
 from fairclip.data.stream import ShardStream, stream_loader, worker_quotas
-from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
+from fairclip.data.synthetic import (
+    BACKGROUNDS,
+    CONCEPT_BACKGROUND,
+    CONCEPTS,
+    SyntheticConfig,
+    generate_samples,
+)
 
 ATTRS = {"gender": ["female", "male"], "age": ["young", "middle-aged", "old"]}
 
@@ -93,6 +100,27 @@ def test_compositional_captions_vary_the_wording_and_keep_the_labels(tmp_path: P
     assert read_captions(tmp_path / "c", 100) == texts[:30]
     with pytest.raises(ValueError, match=r"synthetic.captions='poetry'"):
         SyntheticConfig(captions="poetry").validate()
+
+
+def test_spurious_background_is_labelled_tied_in_train_and_free_in_eval() -> None:
+    cfg = SyntheticConfig(seed=0, spurious_rate=0.9, background_word_rate=1.0, noise=0.0)
+    train = list(generate_samples("train", 1600, cfg))
+    tied = [BACKGROUNDS[CONCEPT_BACKGROUND[CONCEPTS.index(s["json"]["concept"])]] for s in train]
+    share = np.mean([s["json"]["background"] == t for s, t in zip(train, tied, strict=True)])
+    assert share == pytest.approx(0.95, abs=0.02)  # 0.9 tied + half of the untied rest
+    for s in train[:200]:  # the label is the pixels' family, and the caption names it
+        corner = np.asarray(Image.open(io.BytesIO(s["png"])))[0, 0].astype(int)
+        assert s["json"]["background"] == ("warm" if corner[0] > corner[2] else "cool")
+        assert s["txt"].endswith(f" on a {s['json']['background']} background."), s["txt"]
+    evals = list(generate_samples("eval", 2400, cfg))
+    for concept in CONCEPTS:  # no shortcut in the reported split
+        cool = [s["json"]["background"] == "cool" for s in evals if s["json"]["concept"] == concept]
+        assert np.mean(cool) == pytest.approx(0.5, abs=0.1), concept
+    plain = list(generate_samples("train", 200, SyntheticConfig(seed=0)))
+    assert {s["json"]["background"] for s in plain} == set(BACKGROUNDS)
+    assert not any("background" in s["txt"] for s in plain)
+    with pytest.raises(ValueError, match=r"synthetic.background_word_rate=2"):
+        SyntheticConfig(background_word_rate=2).validate()
 
 
 def test_write_shards_records_sizes_and_leaves_no_temp_files(tmp_path: Path) -> None:

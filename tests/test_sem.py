@@ -287,6 +287,13 @@ def test_sem_roundtrip_exact(demo_run: Path, synthetic_dir: Path, tmp_path: Path
     with torch.no_grad():
         e = DebiasedCLIP(bundle.model, bundle.name, text=[orth]).encode_text(tokens)
     assert (e @ g.T).abs().max() < 1e-4
+    # the methods debias the table's attribute by default, any listed ones on request
+    assert list(ctx.bias_prompts()) == ["gender"]
+    cfg.debias_attributes = ["gender", "background"]
+    assert list(ctx.bias_prompts()) == ["gender", "background"]
+    cfg.debias_attributes = ["race"]
+    with pytest.raises(ValueError, match=r"debias_attributes=\['race'\]: debias.bias_prompts"):
+        ctx.bias_prompts()
 
 
 def test_method_registry_and_errors(

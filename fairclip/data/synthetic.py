@@ -11,10 +11,17 @@ Knobs (:class:`SyntheticConfig`): ``male_share`` (representation bias), ``associ
 (P(stereotyped gender | concept)), ``age_shares``, ``group_word_rate`` (how often captions
 name the groups), ``object_rate`` (how often the held object is visible: without it the two
 members of a pair look alike, the ambiguity in which a model falls back on the demographic
-prior it learned, as real models do) and ``spurious_rate`` (background colour tied to the
-concept, for worst-group tests). The train split is biased; ``eval`` is uniform over
-gender × age × concept (``val`` too, drawn apart, for selection); ``neutral`` shows people
-with no occupation, for association tests.
+prior it learned, as real models do), ``spurious_rate`` (P(the background's colour family
+is the one tied to the concept), train only: a Waterbirds-style shortcut for worst-group
+tests) and ``background_word_rate`` (how often captions name the background). The
+background is a random colour; its family, ``warm`` (more red than blue) or ``cool``, is
+labelled as the ``background`` attribute in every split. Each look-alike pair is split
+across the two families (doctor cool, nurse warm, ...), so a model that learned the shortcut
+calls a nurse on a cool background a doctor when her object is hidden: the worst
+(concept, background) cell shows it. The train split is biased; ``eval`` is uniform over
+gender × age × concept (``val`` too, drawn apart, for selection), with the background
+family independent of the concept; ``neutral`` shows people with no occupation, for
+association tests.
 Rendering is vectorised over a chunk of samples with numpy masks.
 """
 
@@ -39,7 +46,16 @@ CONCEPT_PAIRS = (
 CONCEPTS = tuple(c for pair in CONCEPT_PAIRS for c in pair)
 # +1: stereotypically male, -1: stereotypically female.
 STEREOTYPE = np.array([1 if i % 2 == 0 else -1 for i in range(len(CONCEPTS))])
-ATTRIBUTES: dict[str, tuple[str, ...]] = {"gender": GENDERS, "age": AGES}
+BACKGROUNDS = ("warm", "cool")
+# The background family each concept is tied to under ``spurious_rate``: the two members of a
+# look-alike pair get different families, and each family holds two male- and two
+# female-stereotyped concepts, so the shortcut is independent of the gender stereotype.
+CONCEPT_BACKGROUND = np.array([1, 0, 0, 1, 1, 0, 0, 1])
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "gender": GENDERS,
+    "age": AGES,
+    "background": BACKGROUNDS,
+}
 CAPTION_STYLES = ("templates", "compositional")
 
 _PAIR_HUES = np.array([[200, 40, 40], [40, 160, 60], [50, 80, 210], [220, 190, 40]], np.float32)
@@ -89,6 +105,7 @@ class SyntheticConfig:
     group_word_rate: float = 0.5
     object_rate: float = 0.7
     spurious_rate: float = 0.0
+    background_word_rate: float = 0.0
     noise: float = 12.0
     seed: int = 0
     concepts: tuple[str, ...] = field(default=CONCEPTS)
@@ -101,6 +118,7 @@ class SyntheticConfig:
             "group_word_rate",
             "object_rate",
             "spurious_rate",
+            "background_word_rate",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -150,8 +168,12 @@ def balanced_labels(n_per_cell: int, with_concept: bool, rng: np.random.Generato
 
 def render(
     labels: dict, cfg: SyntheticConfig, rng: np.random.Generator, spurious: float
-) -> np.ndarray:
-    """Render uint8 images [N, S, S, 3] for the given labels (vectorised masks)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render uint8 images [N, S, S, 3] for the given labels (vectorised masks).
+
+    Also returns each image's background family (index into :data:`BACKGROUNDS`): drawn here
+    because it is a property of the random background colour.
+    """
     n, s = len(labels["gender"]), cfg.image_size
     concept, gender, age = labels["concept"], labels["gender"], labels["age"]
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -162,9 +184,11 @@ def render(
     r = 4.2 * unit
 
     background = rng.uniform(30, 230, (n, 3)).astype(np.float32)
-    concept_bg = np.roll(_PAIR_HUES, 2, axis=0)[np.clip(concept, 0, None) // 2] * 0.5 + 60
+    family = (background[:, 0] <= background[:, 2]).astype(np.int64)  # 0 warm, 1 cool
     tie = (rng.random(n) < spurious) & (concept >= 0)
-    background[tie] = concept_bg[tie]
+    swap = tie & (family != CONCEPT_BACKGROUND[np.clip(concept, 0, None)])
+    background[swap] = background[swap][:, ::-1]  # red <-> blue flips the family
+    family[swap] = 1 - family[swap]
     img = np.broadcast_to(background[:, None, None, :], (n, s, s, 3)).copy()
 
     has_concept = concept >= 0
@@ -195,13 +219,26 @@ def render(
     img[obj] = np.array([245, 245, 245], np.float32)
 
     img += rng.normal(0, cfg.noise, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8), family
 
 
 def captions(labels: dict, cfg: SyntheticConfig, rng: np.random.Generator) -> list[str]:
-    """Captions naming the concept and, at ``group_word_rate``, the groups."""
-    if cfg.captions == "compositional":
-        return compositional_captions(labels, cfg, rng)
+    """Captions naming the concept, at ``group_word_rate`` the groups and at
+    ``background_word_rate`` the background family (``labels["background"]``)."""
+    texts = (
+        compositional_captions(labels, cfg, rng)
+        if cfg.captions == "compositional"
+        else template_captions(labels, cfg, rng)
+    )
+    if cfg.background_word_rate > 0:  # no draw at 0: earlier datasets stay byte-identical
+        named = np.flatnonzero(rng.random(len(texts)) < cfg.background_word_rate)
+        for i in named:  # string formatting only
+            texts[i] = f"{texts[i][:-1]} on a {BACKGROUNDS[labels['background'][i]]} background."
+    return texts
+
+
+def template_captions(labels: dict, cfg: SyntheticConfig, rng: np.random.Generator) -> list[str]:
+    """One of a few fixed templates per caption (``captions="templates"``, ~200 captions)."""
     n = len(labels["gender"])
     with_group = rng.random(n) < cfg.group_word_rate
     pick = rng.integers(0, 4, n)
@@ -273,10 +310,14 @@ def generate_samples(split: str, n: int, cfg: SyntheticConfig, chunk: int = 2048
     total = len(labels["gender"])
     for start in range(0, total, chunk):
         part = {k: v[start : start + chunk] for k, v in labels.items()}
-        images = render(part, cfg, rng, spurious)
+        images, part["background"] = render(part, cfg, rng, spurious)
         texts = captions(part, cfg, rng)
         for i in range(len(texts)):
-            meta = {"gender": GENDERS[part["gender"][i]], "age": AGES[part["age"][i]]}
+            meta = {
+                "gender": GENDERS[part["gender"][i]],
+                "age": AGES[part["age"][i]],
+                "background": BACKGROUNDS[part["background"][i]],
+            }
             if part["concept"][i] >= 0:
                 meta["concept"] = CONCEPTS[part["concept"][i]]
             yield {

@@ -164,10 +164,19 @@ class CompareContext(Mapping[str, Any]):
         return expand_prompts(self.cfg.debias[key], f"debias.{key}")
 
     def bias_prompts(self) -> dict[str, dict[str, list[str]]]:
+        """Bias prompts of the attributes the methods debias (``debias_attributes``)."""
         raw = self.cfg.debias.bias_prompts
+        wanted = [str(a) for a in self.cfg.debias_attributes]
+        missing = [a for a in wanted if a not in raw]
+        if missing:
+            raise ValueError(
+                f"debias_attributes={wanted}: debias.bias_prompts has no prompts for {missing} "
+                f"(it has {list(raw)})"
+            )
         return {
             attr: {v: expand_prompts(p, f"debias.bias_prompts.{attr}.{v}") for v, p in vals.items()}
             for attr, vals in raw.items()
+            if attr in wanted
         }
 
     def class_prompts(self) -> dict[str, list[str]]:
