@@ -79,7 +79,7 @@ def test_sem_modulation_rules_and_unknown_inputs() -> None:
     # M = 1 everywhere and keep_residual: SEM is the identity
     sem = fit_sem("b", sae, encode, ref, {"gender": {"a": ["p"], "b": ["p"]}}, None)
     assert torch.count_nonzero(sem.bias) == 0  # identical group prompts: no bias latent
-    sem.modulation = lambda unit, z: torch.ones_like(z)
+    sem._modulation = lambda zq: torch.ones_like(zq)
     assert torch.allclose(sem(x), x, atol=1e-5)
     with pytest.raises(ValueError, match="debias.sem.bias_prompts"):
         fit_sem("bi", sae, encode, ref, None, classes)

@@ -144,8 +144,11 @@ class SEM(Intervention):
 
     def modulation(self, emb_unit: Tensor, z: Tensor) -> Tensor:
         """``M`` [N, L]: ``c^2`` (SEM_i) or ``(1 + c - b)^2`` (SEM_b, SEM_bi)."""
+        return self._modulation(self.query_latents(emb_unit, z))
+
+    def _modulation(self, zq: Tensor) -> Tensor:
         # SEM_b stores no paraphrases (fit_sem), so its z_q is the input's own latent
-        c = content_score(self.ref_sorted, self.query_latents(emb_unit, z))
+        c = content_score(self.ref_sorted, zq)
         if self.variant == "i":
             return c.square()
         return (1.0 + c - self.bias).square()
@@ -158,9 +161,10 @@ class SEM(Intervention):
         away wording-specific latents) before the modulation; SEM_b and SEM_bi modulate the
         input's own latent.
         """
-        m = self.modulation(emb_unit, z)
+        zq = self.query_latents(emb_unit, z)
+        m = self._modulation(zq)
         if self.variant == "i":
-            z = self.query_latents(emb_unit, z)
+            z = zq
         return m * z + (1.0 - m) * self.ref_median
 
     def forward(self, emb: Tensor) -> Tensor:
