@@ -174,6 +174,27 @@ def test_compare_table(table: dict) -> None:
     assert rows["sem_i"]["acc"] >= clip["acc"] - 0.05
 
 
+def test_compare_on_the_spurious_background(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """data=synthetic_spurious attribute=background: (concept, background) cells, and Orth-Proj
+    fitted on the background prompts only (debias_attributes defaults to the attribute)."""
+    cfg = _compare_cfg(
+        demo_run, synthetic_dir, tmp_path,
+        "data=synthetic_spurious",
+        "attribute=background", "methods=[clip,orth_proj]",
+    )  # fmt: skip
+    result = run(cfg)
+    rows = result["rows"]
+    zs = result["metrics"]["clip"]["zeroshot"]
+    cells = [zs[f"acc/background={b}"] for b in ("warm", "cool")]
+    assert rows["clip"]["worst_group_acc"] == pytest.approx(min(cells))
+    assert rows["clip"]["worst_class_group_acc"] <= min(cells)
+    assert abs(rows["orth_proj"]["class_lean"]) < 1e-3  # the background direction is gone
+    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    assert list(ctx.bias_prompts()) == ["background"]
+
+
 def test_compare_over_seeds_reports_the_mean_and_the_spread(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path
 ) -> None:
