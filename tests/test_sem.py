@@ -196,9 +196,15 @@ def test_compare_on_the_spurious_background(
 
 
 def test_compare_over_seeds_reports_the_mean_and_the_spread(
-    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """seeds=[0,1]: SEM's SAE is retrained per seed, the table is the mean of the seeds."""
+    built: list[str] = []
+    for name in ("clip", "sem_b"):
+        builder = METHODS[name]
+        monkeypatch.setitem(
+            METHODS, name, lambda b, c, n=name, f=builder: built.append(n) or f(b, c)
+        )
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path, "methods=[clip,sem_b]", "seeds=[0,1]",
         "sae_train.epochs=60",
@@ -212,6 +218,7 @@ def test_compare_over_seeds_reports_the_mean_and_the_spread(
             assert mean == pytest.approx(sum(vals) / 2), (name, col)
             assert result["spread"][name][col]["min"] == pytest.approx(min(vals))
     assert per_seed[0]["rows"]["clip"] == per_seed[1]["rows"]["clip"]  # nothing random in clip
+    assert built == ["clip", "sem_b", "sem_b"]  # so clip is evaluated once, SEM once per seed
     assert result["spread"]["clip"]["acc"]["std"] == 0.0
     sem = [p["rows"]["sem_b"] for p in per_seed]
     assert sem[0] != sem[1]  # a different SAE per seed

@@ -76,11 +76,21 @@ SAE_FILE = Path("sae") / "text_sae.safetensors"
 DEPTH_PLOT = "compare_depth.png"
 
 
-def register_method(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: add a row builder ``(bundle, ctx) -> DebiasedCLIP`` under ``name``."""
+# Rows whose builder uses no randomness: over several seeds they are evaluated once.
+SEEDLESS: set[str] = set()
+
+
+def register_method(name: str, seeded: bool = True) -> Callable[[Builder], Builder]:
+    """Decorator: add a row builder ``(bundle, ctx) -> DebiasedCLIP`` under ``name``.
+
+    ``seeded=False`` says the row is the same for every seed, so ``seeds=[...]`` evaluates
+    it once instead of once per seed.
+    """
 
     def wrap(fn: Builder) -> Builder:
         METHODS[name] = fn
+        if not seeded:
+            SEEDLESS.add(name)
         return fn
 
     return wrap
@@ -285,13 +295,13 @@ _SAE_KEYS = ("fvu", "cos", "l0", "dead_fraction", "dead_fraction_inference")
 
 
 # -- built-in rows -------------------------------------------------------------------------------
-@register_method("clip")
+@register_method("clip", seeded=False)
 def build_clip(bundle: ModelBundle, ctx: CompareContext) -> DebiasedCLIP:
     """The model as trained (no intervention)."""
     return DebiasedCLIP(bundle.model, bundle.name)
 
 
-@register_method("orth_proj")
+@register_method("orth_proj", seeded=False)
 def build_orth_proj(bundle: ModelBundle, ctx: CompareContext) -> DebiasedCLIP:
     """Chuang et al. 2023: project the group directions out of text embeddings."""
     oc = ctx.cfg.debias.orth_proj
@@ -479,14 +489,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     out_dir = Path(cfg.output_dir)
     seeds = _seeds(cfg)
-    runs = []
+    runs: list[SeedRun] = []
     for seed in seeds:
         torch.manual_seed(seed)
         ctx = CompareContext(
             cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}
         )
         models_dir = out_dir / "models" / (f"seed{seed}" if len(seeds) > 1 else "")
-        runs.append(_evaluate_methods(cfg, bundle, ctx, spec, splits, depth_ks, models_dir))
+        first = runs[0] if runs else None
+        runs.append(_evaluate_methods(cfg, bundle, ctx, spec, splits, depth_ks, models_dir, first))
     rows, depth, sae_info, spread = runs[0].rows, runs[0].depth, runs[0].sae, {}
     if len(seeds) > 1:
         rows = _mean_rows([r.rows for r in runs])
@@ -554,10 +565,18 @@ def _evaluate_methods(
     splits: Mapping[str, Any],
     depth_ks: Sequence[int],
     models_dir: Path,
+    first: SeedRun | None = None,
 ) -> SeedRun:
-    """Build and evaluate every row of ``cfg.methods`` with one context (one seed)."""
+    """Build and evaluate every row of ``cfg.methods`` with one context (one seed).
+
+    Rows in :data:`SEEDLESS` are copied from ``first`` (the first seed's run) when given.
+    """
     rows, reports, depth = {}, {}, {}
     for name in cfg.methods:
+        if first is not None and name in SEEDLESS:
+            rows[name], depth[name] = dict(first.rows[name]), dict(first.depth[name])
+            reports[name] = first.reports[name]
+            continue
         model = METHODS[name](bundle, ctx)
         report = evaluate_model(
             model, bundle.tokenizer, bundle.preprocess_val, spec, splits, device=ctx.device,
