@@ -582,8 +582,14 @@ def _compute_report(
                     )
 
     out: dict[str, dict[str, Any]] = {}
+    cells: dict[str, dict[str, dict[str, float]]] = {}
     if metrics.zero_shot is not None and split_info.get("eval", {}).get("labelled", 0) > 0:
         out["zeroshot"] = {k: _f(v) for k, v in metrics.zero_shot.compute().items()}
+        for attr, acc in metrics.zero_shot.cell_accuracy().items():
+            cells[attr] = {
+                concept: dict(zip(spec.attributes[attr], map(float, row), strict=True))
+                for concept, row in zip(spec.concepts, acc.tolist(), strict=True)
+            }
     if "eval" in split_info and split_info["eval"]["captioned"] > 0:
         out["retrieval"] = {k: _f(v) for k, v in metrics.recall.compute().items()}
     per_query: dict[str, Any] = {}
@@ -635,6 +641,8 @@ def _compute_report(
         },
         "splits": split_info,
         "metrics": out,
+        # zero-shot accuracy per (true concept, group value) cell: attr -> concept -> value
+        "cells": cells,
         "queries": per_query,
     }
 

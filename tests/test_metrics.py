@@ -441,3 +441,5 @@ def test_class_group_cells_reveal_stereotype_errors_that_cancel_per_group() -> N
     assert out["group_gap/gender"].item() == pytest.approx(0.0)  # per gender: 3/4 vs 3/4
     assert out["worst_class_group_acc/gender"].item() == pytest.approx(0.5)
     assert out["class_group_gap/gender"].item() == pytest.approx(0.5)  # mean(|0.5-1|, |1-0.5|)
+    # rows: doctor, nurse; columns: female, male
+    assert metric.cell_accuracy()["gender"].tolist() == [[0.5, 1.0], [1.0, 0.5]]

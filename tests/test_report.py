@@ -68,6 +68,12 @@ def make_report(acc: float, skew: float, spec: str) -> dict:
             "bias": {"rb/gender/eq_opp": 0.25, "ab/gender": 0.5, "cramers_v/gender": 0.4},
             "able": {"able@2/gender/eq_opp": 2 / (1 / acc + math.exp(skew))},
         },
+        "cells": {  # accuracy per (concept, value): NaN where a cell had no image
+            "gender": {
+                "doctor": {"female": acc - 0.25, "male": 1.0},
+                "nurse": {"female": 1.0, "male": float("nan")},
+            }
+        },
         "queries": {
             "concepts": {
                 "split": "eval",
@@ -101,6 +107,8 @@ def test_write_report_is_strict_json_markdown_and_plots(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "| gender | female | 0.650 | 4 |" in md
     assert "| age | old | n/a | 0 |" in md
+    assert "| concept | female | male |" in md and "| doctor | 0.500 | 1.000 |" in md
+    assert "| nurse | 1.000 | n/a |" in md
     assert "| gender | 2 | eq_opp | 0.693 | -0.693 | 0.346 |" in md
     assert "| gender | 0.250 | 0.500 | 0.400 |" in md  # RB, AB, Cramér's V
     assert "- `a photo of a doctor.`: 0.793" in md  # most skewed query first

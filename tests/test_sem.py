@@ -190,6 +190,11 @@ def test_compare_on_the_spurious_background(
     cells = [zs[f"acc/background={b}"] for b in ("warm", "cool")]
     assert rows["clip"]["worst_group_acc"] == pytest.approx(min(cells))
     assert rows["clip"]["worst_class_group_acc"] <= min(cells)
+    by_cell = result["metrics"]["clip"]["cells"]["background"]  # concept -> value -> accuracy
+    assert set(by_cell) == set(cfg.data.concepts) and set(by_cell["doctor"]) == {"warm", "cool"}
+    assert min(min(v.values()) for v in by_cell.values()) == pytest.approx(
+        rows["clip"]["worst_class_group_acc"]
+    )
     assert abs(rows["orth_proj"]["class_lean"]) < 1e-3  # the background direction is gone
     ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
     assert list(ctx.bias_prompts()) == ["background"]

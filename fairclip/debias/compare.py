@@ -583,7 +583,7 @@ def _evaluate_methods(
             batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
             progress=bool(cfg.progress),
         )  # fmt: skip
-        reports[name] = report["metrics"]
+        reports[name] = {**report["metrics"], "cells": report["cells"]}
         rows[name] = summarize(
             report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
         )

@@ -226,11 +226,25 @@ class GroupZeroShotAccuracy(Metric):
             out.update(self._cell_stats(name, start, len(values)))
         return out
 
-    def _cell_stats(self, name: str, start: int, size: int) -> dict[str, Tensor]:
-        """Worst (class, value) cell and mean within-class gap, over cells with samples."""
+    def cell_accuracy(self) -> dict[str, Tensor]:
+        """Per attribute, the accuracy of every (true class, value) cell ``[C, V]``; NaN where
+        a cell has no sample. What the worst cell and the class gap summarise: which class
+        fails for which group."""
+        return {
+            name: self._cell_block(start, len(values))[0].float()
+            for (name, values), start in zip(
+                self.attributes.items(), self._offsets.tolist(), strict=True
+            )
+        }
+
+    def _cell_block(self, start: int, size: int) -> tuple[Tensor, Tensor]:
         shape = (self.num_classes, self.group_total.numel())
         total = self.cell_total.view(shape)[:, start : start + size].double()
-        acc = self.cell_correct.view(shape)[:, start : start + size].double() / total
+        return self.cell_correct.view(shape)[:, start : start + size].double() / total, total
+
+    def _cell_stats(self, name: str, start: int, size: int) -> dict[str, Tensor]:
+        """Worst (class, value) cell and mean within-class gap, over cells with samples."""
+        acc, total = self._cell_block(start, size)
         seen = total > 0
         nan = torch.tensor(float("nan"), dtype=acc.dtype, device=acc.device)
         worst = acc[seen].min() if seen.any() else nan

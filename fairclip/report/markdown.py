@@ -73,6 +73,13 @@ def report_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
                 )
         lines += [f"Overall accuracy {fmt(zs.get('acc'))}.", ""]
         lines += _table(["attribute", "value", "accuracy", "images"], rows)
+        for attr, by_concept in report.get("cells", {}).items():
+            values = attributes.get(attr, [])
+            lines += [f"Zero-shot accuracy per (concept, {attr}) cell:", ""]
+            lines += _table(
+                ["concept", *values],
+                [[c, *(fmt(acc.get(v)) for v in values)] for c, acc in by_concept.items()],
+            )
 
     if "retrieval" in m:
         lines += ["## Retrieval recall (paired captions)", ""]
