@@ -327,6 +327,12 @@ def test_sem_roundtrip_exact(demo_run: Path, synthetic_dir: Path, tmp_path: Path
     cfg.debias_attributes = ["race"]
     with pytest.raises(ValueError, match=r"debias_attributes=\['race'\]: debias.bias_prompts"):
         ctx.bias_prompts()
+    # the class-lean column measures the table's attribute whatever the methods debias
+    cfg.debias_attributes = ["gender"]
+    expected, _ = CompareContext(cfg, bundle, torch.device("cpu")).lean_basis()
+    cfg.debias_attributes = ["background"]
+    directions, _ = CompareContext(cfg, bundle, torch.device("cpu")).lean_basis()
+    assert torch.equal(directions, expected) and directions.abs().sum() > 0
 
 
 def test_method_registry_and_errors(

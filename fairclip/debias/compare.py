@@ -173,10 +173,14 @@ class CompareContext(Mapping[str, Any]):
         """An expanded prompt list of ``cfg.debias.<key>``."""
         return expand_prompts(self.cfg.debias[key], f"debias.{key}")
 
-    def bias_prompts(self) -> dict[str, dict[str, list[str]]]:
-        """Bias prompts of the attributes the methods debias (``debias_attributes``)."""
+    def bias_prompts(
+        self, attributes: Sequence[str] | None = None
+    ) -> dict[str, dict[str, list[str]]]:
+        """Bias prompts of ``attributes`` (default: ``debias_attributes``, the ones the methods
+        debias)."""
         raw = self.cfg.debias.bias_prompts
-        wanted = [str(a) for a in self.cfg.debias_attributes]
+        chosen = self.cfg.debias_attributes if attributes is None else attributes
+        wanted = [str(a) for a in chosen]
         missing = [a for a in wanted if a not in raw]
         if missing:
             raise ValueError(
@@ -203,11 +207,15 @@ class CompareContext(Mapping[str, Any]):
 
         ``(directions [V, D], base [P, D])``: per value of ``cfg.attribute``, its bias
         prompts' mean minus the other values' mean, and the base model's class prompts (unit
-        embeddings). None without bias prompts for >= 2 values of the attribute.
+        embeddings). None without bias prompts for >= 2 values of the attribute. Measured on
+        the table's attribute whatever ``debias_attributes`` the methods use.
         """
         if self._lean_basis is None:
-            values = self.bias_prompts().get(str(self.cfg.attribute))
-            if not values or len(values) < 2:
+            attr = str(self.cfg.attribute)
+            if attr not in self.cfg.debias.bias_prompts:
+                return None
+            values = self.bias_prompts([attr])[attr]
+            if len(values) < 2:
                 return None
             means = torch.stack([self.encode(p).mean(0) for p in values.values()])
             others = (means.sum(0, keepdim=True) - means) / (len(means) - 1)
