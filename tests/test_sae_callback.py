@@ -12,7 +12,7 @@ import torch
 from fairclip.callbacks.sae import SAECallback
 from fairclip.debias.sae import load_sae, sae_metrics
 from fairclip.model.factory import load_model
-from tests.conftest import compose_train, small_run_overrides
+from tests.conftest import compose_train, run_train_process, small_run_overrides
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,9 @@ def test_sae_files_and_metrics(sae_run: Path) -> None:
     assert any(r.get("sae/text/l0") for r in rows) and any(
         r.get("sae/image/dead_fraction") for r in rows
     )
+    # updates at steps 5, 10, 15, 20 on the growing FIFO of the steps' embeddings (64 per step)
+    buffer_rows = [float(r["sae/text/buffer_rows"]) for r in rows if r.get("sae/text/buffer_rows")]
+    assert buffer_rows == [320.0, 640.0, 960.0, 1280.0]
     finals = [float(r["sae/final_fvu"]) for r in rows if r.get("sae/final_fvu")]
     assert finals and finals[-1] < 1
 
@@ -108,3 +111,28 @@ def test_compare_uses_the_run_sae(sae_run: Path, synthetic_dir: Path, tmp_path: 
     result = run(cfg)
     assert result["sae"]["source"].endswith("sae/text_sae.safetensors")
     assert (tmp_path / "compare.md").is_file()
+
+
+def test_sae_under_two_process_ddp_learns_from_every_rank(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Real 2-process DDP (gloo): both ranks' embeddings reach the SAE, during training (the
+    gathered buffer) and at the end (an equal share of final_samples from each rank). Rank 0
+    alone reads 8 of the 16 train shards, 2000 samples, so 2400 rows prove the gather."""
+    out = tmp_path / "ddp_sae"
+    run_train_process(
+        synthetic_dir, out, tmp_path,
+        "trainer=ddp_cpu", "callbacks=sae", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+        "callbacks.sae.every_n_steps=2", "callbacks.sae.n_latents=64",
+        "callbacks.sae.final_samples=2400", "callbacks.sae.final_epochs=5",
+    )  # fmt: skip
+    final = json.loads((out / "sae" / "metrics.json").read_text())
+    assert final["text"]["n"] == final["image"]["n"] == 2400
+    assert final["text"]["fvu"] < 1 and final["image"]["fvu"] < 1
+    rows = _logged(out)
+    buffer_rows = [
+        float(r["sae/image/buffer_rows"]) for r in rows if r.get("sae/image/buffer_rows")
+    ]
+    assert buffer_rows == [256.0, 512.0]  # 2 ranks x 64 per step, after steps 2 and 4
+    assert load_sae(out / "sae" / "text_sae.safetensors").cfg.n_latents == 64

@@ -2,7 +2,7 @@
 
 Why a callback: the SAE (for SEM and for analysis) must describe the exact weights the run
 ends with, and watching its FVU / dead latents during training shows how the embedding space
-drifts. During training, every ``every_n_steps`` steps, a few :func:`sae_step` updates run on
+drifts. During training, every ``every_n_steps`` training batches, a few :func:`sae_step` updates run on
 a FIFO buffer of fresh text (caption) and image embeddings of the training batches. At the end
 of training an SAE per modality is trained to convergence (:func:`train_sae`) on embeddings of
 the final model, evaluated (:func:`sae_metrics`), logged under ``sae/...`` with the
@@ -10,7 +10,10 @@ top-activating captions per latent (a wandb table if a WandbLogger is attached, 
 ``<dirpath>/top_activating.json``), and saved as ``<dirpath>/{text,image}_sae.safetensors``
 (``dirpath`` defaults to ``<output_dir>/sae``, beside ``checkpoints/``).
 
-Under DDP only rank 0 collects and trains (its batches are a sample of the data).
+Under DDP every rank buffers the embeddings of its own batches (the ones its training step
+already computed, so nothing is encoded twice) and the buffers are gathered to rank 0, which
+trains, logs and saves: the SAE sees the data of all ranks, as ``buffer_size`` and
+``final_samples`` rows in total (an equal share from each rank), not rank 0's share only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
@@ -103,6 +107,7 @@ class SAECallback(L.Callback):
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.buffers: dict[str, Tensor] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
+        self._batches = 0
 
     # -- helpers -----------------------------------------------------------------------------
     def _config(self, d_in: int) -> SAEConfig:
@@ -118,6 +123,16 @@ class SAECallback(L.Callback):
             out["image"] = model.encode_image(batch["image"], normalize=True).float()
         return out
 
+    def _step_embeddings(
+        self, pl_module: L.LightningModule, outputs: Any, batch: dict
+    ) -> dict[str, Tensor]:
+        """The unit embeddings the training step returned (``outputs["embeddings"]``), else
+        the batch encoded anew (a module that returns only its loss)."""
+        given = outputs.get("embeddings") if isinstance(outputs, dict) else None
+        if given is None or any(m not in given for m in self.modalities):
+            return self._embed(pl_module, batch)
+        return {m: given[m].detach().float() for m in self.modalities}
+
     # -- during training -----------------------------------------------------------------
     def on_train_batch_end(
         self,
@@ -127,16 +142,19 @@ class SAECallback(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not trainer.is_global_zero:
-            return
-        for mod, emb in self._embed(pl_module, batch).items():
+        keep = -(-self.buffer_size // trainer.world_size)  # this rank's share of the buffer
+        for mod, emb in self._step_embeddings(pl_module, outputs, batch).items():
             buf = self.buffers.get(mod)
             buf = emb if buf is None else torch.cat([buf, emb])
-            self.buffers[mod] = buf[-self.buffer_size :]
-        if (trainer.global_step + 1) % self.every_n_steps:
+            self.buffers[mod] = buf[-keep:]
+        self._batches += 1  # global_step would repeat under gradient accumulation
+        if self._batches % self.every_n_steps:
+            return
+        gathered = {mod: gather_rows(trainer, buf) for mod, buf in self.buffers.items()}
+        if not trainer.is_global_zero:
             return
         logs: dict[str, float] = {}
-        for mod, buf in self.buffers.items():
+        for mod, buf in gathered.items():
             if buf.shape[0] < 2:
                 continue
             if mod not in self.saes:
@@ -150,6 +168,7 @@ class SAECallback(L.Callback):
             m = sae_metrics(sae, buf)
             logs.update({f"sae/{mod}/{k}": float(m[k]) for k in _LOGGED})
             logs[f"sae/{mod}/train_fvu"] = step_logs["fvu"]
+            logs[f"sae/{mod}/buffer_rows"] = float(buf.shape[0])
         if logs:
             logs["sae/fvu"] = max(v for k, v in logs.items() if k.endswith("/fvu"))
             # Straight to the loggers: updates are already every N steps, and self.log would
@@ -162,28 +181,30 @@ class SAECallback(L.Callback):
     def _final_embeddings(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[dict[str, Tensor], list[str]]:
-        """Embeddings of the final model on fresh training batches, and their captions."""
+        """Embeddings of the final model on fresh training batches of this rank (its share of
+        ``final_samples``), and their captions."""
         dm = trainer.datamodule
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
         was_training = pl_module.training
         pl_module.eval()
         embs: dict[str, list[Tensor]] = {m: [] for m in self.modalities}
         captions: list[str] = []
-        seen = 0
+        seen, quota = 0, -(-self.final_samples // trainer.world_size)
         for batch in loader:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             for mod, emb in self._embed(pl_module, batch).items():
                 embs[mod].append(emb)
             captions.extend(self._decode(pl_module, batch["text"]))
             seen += batch["text"].shape[0]
-            if seen >= self.final_samples:
+            if seen >= quota:
                 break
         pl_module.train(was_training)
         if not seen:
-            raise ValueError("callbacks.sae: the training dataloader yielded no batch")
-        return {m: torch.cat(v)[: self.final_samples] for m, v in embs.items()}, captions[
-            : self.final_samples
-        ]
+            raise ValueError(
+                f"callbacks.sae: the training dataloader of rank {trainer.global_rank} "
+                "yielded no batch"
+            )
+        return {m: torch.cat(v)[:quota] for m, v in embs.items()}, captions[:quota]
 
     @staticmethod
     def _decode(pl_module: L.LightningModule, tokens: Tensor) -> list[str]:
@@ -194,9 +215,11 @@ class SAECallback(L.Callback):
         return [_SPECIAL.sub("", decode([t for t in row if t])).strip() for row in tokens.tolist()]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        embs, captions = self._final_embeddings(trainer, pl_module)
+        embs = {mod: gather_rows(trainer, x) for mod, x in embs.items()}
+        captions = gather_objects(trainer, captions)
         if not trainer.is_global_zero:
             return
-        embs, captions = self._final_embeddings(trainer, pl_module)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         logs: dict[str, float] = {}
         for mod, x in embs.items():
@@ -238,3 +261,27 @@ class SAECallback(L.Callback):
         path = self.dirpath / "top_activating.json"
         path.write_text(json.dumps({str(k): v for k, v in top.items()}, indent=1))
         return top
+
+
+def gather_rows(trainer: L.Trainer, x: Tensor) -> Tensor:
+    """The rows of ``x`` from every rank, in rank order (ranks may hold different counts).
+
+    Lightning's ``all_gather`` needs equal shapes, so the counts go first and every rank pads
+    to the largest; a collective: every rank must call it.
+    """
+    if trainer.world_size == 1:
+        return x
+    counts = trainer.strategy.all_gather(torch.tensor([x.shape[0]], device=x.device))
+    counts = counts.flatten().tolist()
+    pad = x.new_zeros(max(counts) - x.shape[0], *x.shape[1:])
+    stacked = trainer.strategy.all_gather(torch.cat([x, pad]))  # [world, max, ...]
+    return torch.cat([stacked[r, :n] for r, n in enumerate(counts)])
+
+
+def gather_objects(trainer: L.Trainer, items: list) -> list:
+    """``items`` (picklable) of every rank concatenated in rank order; a collective."""
+    if trainer.world_size == 1:
+        return items
+    parts: list[list] = [[] for _ in range(trainer.world_size)]
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

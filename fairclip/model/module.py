@@ -152,7 +152,9 @@ class FairCLIPModule(L.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """The contrastive loss; the batch's unit embeddings ride along (detached) so that
+        callbacks such as the SAE's reuse them instead of encoding the batch again."""
         image, text = self.encode(batch)
         loss = self.contrastive_loss(image, text, self.loss_fn)
         bs = image.shape[0]
@@ -169,7 +171,7 @@ class FairCLIPModule(L.LightningModule):
                 on_epoch=True,
                 sync_dist=True,
             )
-        return loss
+        return {"loss": loss, "embeddings": {"image": image.detach(), "text": text.detach()}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # open_clip clamps the temperature after each step: logit_scale <= ln(100).
