@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fairclip.data.datamodule import ShardDataModule
 from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards, read_captions, write_shards
-from fairclip.data.stream import ShardStream, stream_loader, worker_quotas
+from fairclip.data.stream import ShardStream, StreamLoader, stream_loader, worker_quotas
 from fairclip.data.synthetic import (
     BACKGROUNDS,
     CONCEPT_BACKGROUND,
@@ -177,6 +177,28 @@ def test_train_stream_reshuffles_shards_per_epoch(synthetic_dir: Path) -> None:
     _, keys1, _ = _run_rank(synthetic_dir / "train", 0, world=1, workers=1, epoch=1)
     assert keys0 == keys0b  # deterministic for a given (seed, epoch)
     assert keys0[:50] != keys1[:50]
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_train_stream_resumes_mid_epoch_with_the_next_batch(
+    synthetic_dir: Path, resampled: bool
+) -> None:
+    """Resuming after n batches yields exactly the rest of the uninterrupted epoch, through a
+    real 3-worker loader whose workers have unequal quotas (two run out before batch 240)."""
+    kw = {"resampled": True, "samples_per_epoch": 4000} if resampled else {}
+    folder = synthetic_dir / "train"
+    stream, ref, n = _run_rank(folder, 0, world=1, workers=3, epoch=1, **kw)
+    if not resampled:
+        quotas = worker_quotas(np.array([93, 78, 78]), n)  # 6/5/5 shards of 250, batch 16
+        assert len(set(quotas.tolist())) > 1 and 3 * quotas.min() < 240
+    for done in (1, 37, 240):  # mid-round, mid-round, after a worker ran out
+        stream.resume(1, done)
+        resumed = [
+            k for b in StreamLoader(stream, batch_size=None, num_workers=3) for k in b["key"]
+        ]
+        assert resumed == ref[done * 16 :]
+    stream.set_epoch(2)  # other epochs are whole
+    assert sum(len(b["key"]) for b in DataLoader(stream, batch_size=None, num_workers=3)) == n * 16
 
 
 def test_resampled_stream_has_fixed_length(synthetic_dir: Path) -> None:

@@ -229,21 +229,44 @@ def test_resumed_run_appends_to_the_earlier_metrics_csv(tmp_path: Path) -> None:
     ]
 
 
+class RecordKeys(L.Callback):
+    """The sample keys of every trained batch, in order: (epoch, keys) per batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[str]]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, idx) -> None:
+        self.batches.append((trainer.current_epoch, list(batch["key"])))
+
+
 def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
     synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """USR1 mid-epoch: checkpoint at the step boundary, requeue, and the new attempt continues
+    the epoch with the next batch (two loader workers): the two attempts together train on
+    exactly the batches of an uninterrupted run, none replayed or left out."""
     requeued: list[bool] = []
     monkeypatch.setattr("fairclip.cluster.requeue_slurm_job", lambda: requeued.append(True) or True)
-    common = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "export=false"]  # fmt: skip
+    common = ["trainer.max_epochs=2", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
+              "export=false", "data.num_workers=2"]  # fmt: skip
 
-    class SignalAtStep2(L.Callback):
+    reference = RecordKeys()
+    module, dm, trainer = build(
+        compose_train(small_run_overrides(synthetic_dir, *common), tmp_path / "ref")
+    )
+    trainer.callbacks.insert(0, reference)
+    trainer.fit(module, datamodule=dm)
+    assert len(reference.batches) == 10
+
+    class SignalAtStep3(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-            if trainer.global_step == 2:
+            if trainer.global_step == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm's --signal=USR1@90 would
 
+    first, second = RecordKeys(), RecordKeys()
     cfg = compose_train(small_run_overrides(synthetic_dir, *common), tmp_path)
     module, dm, trainer = build(cfg)
-    trainer.callbacks[:0] = [SignalAtStep2(), SlurmRequeue()]
+    trainer.callbacks[:0] = [first, SignalAtStep3(), SlurmRequeue()]
     previous = signal.getsignal(signal.SIGUSR1)
     try:
         with pytest.raises(SystemExit) as exit_info:
@@ -251,15 +274,18 @@ def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
     finally:
         signal.signal(signal.SIGUSR1, previous)  # Lightning re-installs ours on errors
     assert exit_info.value.code == 0 and requeued == [True]
-    assert ckpt_step(tmp_path / "hpc_ckpt_1.ckpt") == 2
+    assert ckpt_step(tmp_path / "hpc_ckpt_1.ckpt") == 3
 
     # the requeued attempt: same run dir, resumes from the newest checkpoint
     module, dm, trainer = build(
         compose_train(small_run_overrides(synthetic_dir, *common), tmp_path)
     )
     assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    trainer.callbacks.insert(0, second)
     trainer.fit(module, datamodule=dm, ckpt_path=str(tmp_path / "hpc_ckpt_1.ckpt"))
-    assert trainer.global_step == 6
+    assert trainer.global_step == 10
+    assert len(first.batches) == 3 and second.batches[0][0] == 0  # cut mid-epoch 0
+    assert first.batches + second.batches == reference.batches
 
 
 @pytest.mark.slow

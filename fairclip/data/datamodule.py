@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from fairclip.data.samples import Collate, SampleDecoder
@@ -63,6 +65,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
+        self.resume_point: tuple[int, int] | None = None  # from a mid-epoch checkpoint
 
     def _stream(self, spec: Any, train: bool) -> ShardStream:
         if self.tokenizer is None or self.preprocess_train is None or self.preprocess_val is None:
@@ -113,7 +116,28 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError("data.train_shards is not set: nothing to train on")
         trainer = getattr(self, "trainer", None)
         self.train_stream.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        if self.resume_point is not None:
+            self.train_stream.resume(*self.resume_point)
         return self._loader(self.train_stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training pass stands (saved in every checkpoint): the epoch and the batches
+        of it already trained, so a resumed run continues the epoch (see ShardStream.resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": trainer.current_epoch, "train_batches": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" not in state_dict:
+            return
+        self.resume_point = (state_dict["train_epoch"], state_dict["train_batches"])
+        # Lightning looks for this state on the DataLoader only, so it would warn that a
+        # mid-epoch resume replays data; the stream resumes from the state restored here.
+        warnings.filterwarnings(
+            "ignore", "You're resuming from a checkpoint that ended before the epoch ended"
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_stream) if self.val_stream is not None else []

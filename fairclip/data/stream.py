@@ -15,10 +15,19 @@ compute the same deterministic plan on its own, without communication:
 
 Corrupt samples (undecodable image, missing caption) are skipped, logged and counted: each
 batch carries ``skipped``, the number skipped since the previous batch of that worker.
+
+Mid-epoch resume: because the plan is deterministic and the DataLoader takes one batch from
+each worker in turn (workers that reached their quota drop out), the first ``n`` batches of an
+epoch are known per worker. :meth:`ShardStream.resume` makes the next pass over that epoch
+skip them (the workers read but do not decode them; :class:`StreamLoader` drops the few of the
+cut round), so a resumed run continues with batch ``n + 1`` of the same epoch instead of
+replaying it (exact unless corrupt samples were skipped before the cut: each one shifts that
+worker by a sample).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -77,6 +86,7 @@ class ShardStream(IterableDataset):
         self.config_key = config_key
         self.rank, self.world_size, self.epoch = 0, 1, 0
         self.sizes = np.array([s.size for s in shards], dtype=np.int64)
+        self.resume_point: tuple[int, int] | None = None  # (epoch, batches already trained)
 
     # -- configuration -----------------------------------------------------------------
     def set_distributed(self, rank: int, world_size: int) -> None:
@@ -91,6 +101,41 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Start the pass over ``epoch`` after its first ``batches`` batches (a train stream
+        restored from a mid-epoch checkpoint); passes over other epochs are unaffected."""
+        if not self.train:
+            raise ValueError(f"{self.config_key}: only a training stream resumes mid-epoch")
+        self.resume_point = (int(epoch), max(int(batches), 0))
+
+    def resume_split(self, quotas: np.ndarray) -> tuple[np.ndarray, int]:
+        """How a resumed pass skips the epoch's first ``n`` batches: (batches each worker skips
+        unread-undecoded, batches the loader then drops). Zeros when not resuming this epoch.
+
+        The loader takes batches round-robin from the workers that have not reached their
+        ``quotas``, always starting a pass at worker 0; so the workers skip whole rounds, and
+        the batches of the cut round that were already trained (fewer than the number of
+        workers) are produced again and dropped by :class:`StreamLoader`.
+        """
+        none = np.zeros_like(quotas), 0
+        if self.resume_point is None or self.resume_point[0] != self.epoch:
+            return none
+        rounds = np.arange(int(quotas.max(initial=0)))[:, None]
+        active = rounds < quotas[None, :]
+        worker = np.broadcast_to(np.arange(len(quotas)), active.shape)[active]  # loader order
+        round_of = np.broadcast_to(rounds, active.shape)[active]
+        done = min(self.resume_point[1], len(worker))
+        start = done if done == len(worker) else int(np.searchsorted(round_of, round_of[done]))
+        return np.bincount(worker[:start], minlength=len(quotas)), done - start
+
+    def train_quotas(self) -> np.ndarray:
+        """Batches each worker of this rank yields in the current epoch."""
+        if self.resampled:
+            return worker_quotas(np.full(self.num_workers, len(self)), len(self))
+        plan = self._train_plan()
+        available = np.array([self.sizes[p].sum() // self.batch_size for p in plan])
+        return worker_quotas(available, len(self))
 
     @property
     def total_samples(self) -> int:
@@ -149,13 +194,13 @@ class ShardStream(IterableDataset):
             yield from self._batches(self._eval_samples(worker), quota=None)
             return
         if self.resampled:
-            quotas = worker_quotas(np.full(self.num_workers, len(self)), len(self))
-            yield from self._batches(self._resampled_samples(worker), quota=int(quotas[worker]))
-            return
-        plan = self._train_plan()
-        available = np.array([self.sizes[p].sum() // self.batch_size for p in plan])
-        quota = int(worker_quotas(available, len(self))[worker])
-        yield from self._batches(self._shard_samples(plan[worker], worker, repeat=True), quota)
+            samples = self._resampled_samples(worker)
+        else:
+            samples = self._shard_samples(self._train_plan()[worker], worker, repeat=True)
+        quotas = self.train_quotas()
+        done = int(self.resume_split(quotas)[0][worker])
+        samples = itertools.islice(samples, done * self.batch_size, None)  # read, not decoded
+        yield from self._batches(samples, quota=int(quotas[worker]) - done)
 
     def _rng(self, worker: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, self.rank, worker])
@@ -254,11 +299,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` that drops the batches a resumed pass produces
+    again (see :meth:`ShardStream.resume_split`), so it yields the epoch from the cut on."""
+
+    def __iter__(self):
+        stream = self.dataset
+        drop = stream.resume_split(stream.train_quotas())[1] if stream.train else 0
+        batches = super().__iter__()
+        for _ in range(drop):
+            next(batches)
+        return batches
+
+
 def stream_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a self-batching ``stream`` (``batch_size=None``), for training and
     evaluation alike. Workers are not persistent: re-created each epoch, they see the new epoch
     number. They come from :func:`worker_context`."""
-    return DataLoader(
+    return StreamLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
