@@ -5,7 +5,11 @@ shards, with the same batch size, loader workers, precision and optimizer settin
 report steady-state samples/s measured the same way (batch-start to batch-start wall time,
 first interval dropped as warm-up). Target: fairclip >= 0.9x open_clip.
 
-    python benchmarks/bench_train.py [--samples 8000] [--batch-size 128] [--workers 1]
+``--with-sae`` also runs fairclip-train with ``callbacks=sae`` (SAE updates every 20 steps on
+the buffered embeddings, plus the final SAEs after the epoch, which the rate does not include)
+and prints its cost relative to the plain run.
+
+    python benchmarks/bench_train.py [--samples 8000] [--batch-size 128] [--workers 1] [--with-sae]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def make_shards(out: Path, samples: int, shard_size: int) -> Path:
     return out
 
 
-def run_fairclip(data: Path, out: Path, args: argparse.Namespace) -> float:
+def run_fairclip(data: Path, out: Path, args: argparse.Namespace, *extra: str) -> float:
     cmd = [
         str(BIN / "fairclip-train"),
         "experiment=demo",
@@ -61,6 +65,7 @@ def run_fairclip(data: Path, out: Path, args: argparse.Namespace) -> float:
         "export=false",
         "model.warmup_steps=50",
         f"hydra.run.dir={out}",
+        *extra,
     ]
     subprocess.run(cmd, check=True, capture_output=True)
     with open(out / "csv" / "metrics.csv") as f:
@@ -103,6 +108,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--with-sae", action="store_true", help="also time callbacks=sae")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +116,15 @@ def main() -> None:
         data = make_shards(tmp / "data", args.samples, args.shard_size)
         ours = run_fairclip(data, tmp / "fairclip", args)
         theirs = run_open_clip(data, tmp / "open_clip", args.samples, args)
+        with_sae = run_fairclip(data, tmp / "sae", args, "callbacks=sae") if args.with_sae else 0
     print(
         f"samples={args.samples} batch={args.batch_size} workers={args.workers} model=fairclip-tiny fp32"
     )
     print(f"fairclip-train        : {ours:8.1f} samples/s")
     print(f"open_clip_train.main  : {theirs:8.1f} samples/s")
     print(f"ratio fairclip/open_clip: {ours / theirs:.2f}x (target >= 0.90x)")
+    if args.with_sae:
+        print(f"fairclip-train callbacks=sae: {with_sae:8.1f} samples/s ({with_sae / ours:.2f}x)")
 
 
 if __name__ == "__main__":
