@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -164,3 +165,23 @@ def test_demo_lit_fine_tunes_only_the_text_tower_of_a_pretrained_model(
     assert visual and text
     assert all(torch.equal(before[k], after[k]) for k in visual)
     assert sum(not torch.equal(before[k], after[k]) for k in text) > len(text) // 2
+
+
+def test_resume_point_from_another_data_layout_restarts_the_epoch_with_a_warning(
+    synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The saved batch count means the same samples only under the same plan: a changed
+    batch size must not skip 3 batches of a different order, it restarts the epoch, saying so."""
+    _, dm, _ = build(compose_train(small_run_overrides(synthetic_dir), tmp_path))
+    dm.setup("fit")
+    saved = {"train_epoch": 0, "train_batches": 3, "train_layout": dm.train_stream.layout()}
+    dm.load_state_dict(saved)
+    dm.train_dataloader()
+    assert dm.train_stream.resume_point == (0, 3)
+
+    dm.train_stream.resume_point = None
+    dm.load_state_dict({**saved, "train_layout": {**saved["train_layout"], "batch_size": 32}})
+    with caplog.at_level(logging.WARNING, logger="fairclip.data.datamodule"):
+        dm.train_dataloader()
+    assert dm.train_stream.resume_point is None
+    assert "batch_size changed" in caplog.text and "restarts from its first batch" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,8 @@ from torch.utils.data import DataLoader
 from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards
 from fairclip.data.stream import ShardStream, stream_loader
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -65,7 +68,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
-        self.resume_point: tuple[int, int] | None = None  # from a mid-epoch checkpoint
+        self.resume_state: dict[str, Any] | None = None  # from a mid-epoch checkpoint
 
     def _stream(self, spec: Any, train: bool) -> ShardStream:
         if self.tokenizer is None or self.preprocess_train is None or self.preprocess_val is None:
@@ -116,9 +119,36 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError("data.train_shards is not set: nothing to train on")
         trainer = getattr(self, "trainer", None)
         self.train_stream.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        if self.resume_point is not None:
-            self.train_stream.resume(*self.resume_point)
+        self._resume_train_stream()
         return self._loader(self.train_stream)
+
+    def _resume_train_stream(self) -> None:
+        """Continue the checkpoint's epoch after its trained batches, if the data layout that
+        fixes the batch order is unchanged (else the epoch restarts, with a warning)."""
+        state, self.resume_state = self.resume_state, None
+        stream = self.train_stream
+        if state is None or stream is None or state["train_epoch"] != stream.epoch:
+            return  # nothing to resume, or the checkpoint's epoch was finished
+        if state["train_batches"] >= len(stream):
+            return
+        layout = stream.layout()
+        if state.get("train_layout") != layout:
+            changed = sorted(k for k in layout if layout[k] != state.get("train_layout", {}).get(k))
+            log.warning(
+                "data: the checkpoint stopped epoch %d after %d batches, but %s changed since "
+                "(%s now), so the epoch restarts from its first batch",
+                state["train_epoch"],
+                state["train_batches"],
+                ", ".join(changed),
+                {k: layout[k] for k in changed},
+            )
+            return
+        stream.resume(state["train_epoch"], state["train_batches"])
+        # Lightning looks for resumable state on the DataLoader only and would warn that a
+        # mid-epoch resume replays data; this stream resumes from the checkpoint instead.
+        warnings.filterwarnings(
+            "ignore", "You're resuming from a checkpoint that ended before the epoch ended"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training pass stands (saved in every checkpoint): the epoch and the batches
@@ -127,17 +157,13 @@ class ShardDataModule(L.LightningDataModule):
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_epoch": trainer.current_epoch, "train_batches": int(done)}
+        state = {"train_epoch": trainer.current_epoch, "train_batches": int(done)}
+        if self.train_stream is not None:
+            state["train_layout"] = self.train_stream.layout()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "train_epoch" not in state_dict:
-            return
-        self.resume_point = (state_dict["train_epoch"], state_dict["train_batches"])
-        # Lightning looks for this state on the DataLoader only, so it would warn that a
-        # mid-epoch resume replays data; the stream resumes from the state restored here.
-        warnings.filterwarnings(
-            "ignore", "You're resuming from a checkpoint that ended before the epoch ended"
-        )
+        self.resume_state = dict(state_dict) if "train_epoch" in state_dict else None
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_stream) if self.val_stream is not None else []

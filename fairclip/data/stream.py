@@ -102,6 +102,20 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def layout(self) -> dict[str, int | bool | None]:
+        """What fixes the order of training batches (a resume point is valid only under the
+        same layout)."""
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shards": len(self.shards),
+            "resampled": self.resampled,
+            "samples_per_epoch": self.samples_per_epoch,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
     def resume(self, epoch: int, batches: int) -> None:
         """Start the pass over ``epoch`` after its first ``batches`` batches (a train stream
         restored from a mid-epoch checkpoint); passes over other epochs are unaffected."""
