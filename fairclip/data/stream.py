@@ -124,8 +124,9 @@ class ShardStream(IterableDataset):
         self.resume_point = (int(epoch), max(int(batches), 0))
 
     def resume_split(self, quotas: np.ndarray) -> tuple[np.ndarray, int]:
-        """How a resumed pass skips the epoch's first ``n`` batches: (batches each worker skips
-        unread-undecoded, batches the loader then drops). Zeros when not resuming this epoch.
+        """How a resumed pass skips the epoch's first ``n`` batches: (batches each worker skips,
+        reading but not decoding them; batches the loader then drops). Zeros when not resuming
+        this epoch.
 
         The loader takes batches round-robin from the workers that have not reached their
         ``quotas``, always starting a pass at worker 0; so the workers skip whole rounds, and
@@ -317,7 +318,7 @@ class StreamLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` that drops the batches a resumed pass produces
     again (see :meth:`ShardStream.resume_split`), so it yields the epoch from the cut on."""
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         stream = self.dataset
         drop = stream.resume_split(stream.train_quotas())[1] if stream.train else 0
         batches = super().__iter__()
