@@ -244,7 +244,8 @@ def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
 ) -> None:
     """USR1 mid-epoch: checkpoint at the step boundary, requeue, and the new attempt continues
     the epoch with the next batch (two loader workers): the two attempts together train on
-    exactly the batches of an uninterrupted run, none replayed or left out."""
+    exactly the batches of an uninterrupted run, none replayed or left out. The cut is in the
+    second epoch, whose shard plan differs from the first's."""
     requeued: list[bool] = []
     monkeypatch.setattr("fairclip.cluster.requeue_slurm_job", lambda: requeued.append(True) or True)
     common = ["trainer.max_epochs=2", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
@@ -258,15 +259,15 @@ def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
     trainer.fit(module, datamodule=dm)
     assert len(reference.batches) == 10
 
-    class SignalAtStep3(L.Callback):
+    class SignalAtStep7(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-            if trainer.global_step == 3:
+            if trainer.global_step == 7:
                 os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm's --signal=USR1@90 would
 
     first, second = RecordKeys(), RecordKeys()
     cfg = compose_train(small_run_overrides(synthetic_dir, *common), tmp_path)
     module, dm, trainer = build(cfg)
-    trainer.callbacks[:0] = [first, SignalAtStep3(), SlurmRequeue()]
+    trainer.callbacks[:0] = [first, SignalAtStep7(), SlurmRequeue()]
     previous = signal.getsignal(signal.SIGUSR1)
     try:
         with pytest.raises(SystemExit) as exit_info:
@@ -274,7 +275,7 @@ def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
     finally:
         signal.signal(signal.SIGUSR1, previous)  # Lightning re-installs ours on errors
     assert exit_info.value.code == 0 and requeued == [True]
-    assert ckpt_step(tmp_path / "hpc_ckpt_1.ckpt") == 3
+    assert ckpt_step(tmp_path / "hpc_ckpt_1.ckpt") == 7
 
     # the requeued attempt: same run dir, resumes from the newest checkpoint
     module, dm, trainer = build(
@@ -284,7 +285,7 @@ def test_requeue_signal_checkpoints_at_a_step_boundary_and_resumes(
     trainer.callbacks.insert(0, second)
     trainer.fit(module, datamodule=dm, ckpt_path=str(tmp_path / "hpc_ckpt_1.ckpt"))
     assert trainer.global_step == 10
-    assert len(first.batches) == 3 and second.batches[0][0] == 0  # cut mid-epoch 0
+    assert len(first.batches) == 7 and second.batches[0][0] == 1  # cut mid-epoch 1
     assert first.batches + second.batches == reference.batches
 
 
@@ -397,7 +398,7 @@ def ddp_jobs(
     jobs = {}
     for name in ("plain", "requeued"):
         out = tmp_path_factory.mktemp(name)
-        job, log = sbatch(slurm_env, out, tiny_job(synthetic_dir, out / "logs"))
+        job, log = sbatch(slurm_env, out, tiny_job(synthetic_dir, out / "logs", "callbacks=audit"))
         jobs[name] = (job, log, out / "logs" / "demo" / "runs" / f"slurm-{job}")
 
     job, log, run = jobs["requeued"]
@@ -450,6 +451,22 @@ def test_requeued_job_resumes_to_the_same_step_and_leaves_no_corrupt_checkpoint(
     assert csv_epochs(run) == set(range(EPOCHS))
     wandb_ids = {p.name.rsplit("-", 1)[1] for p in wandb_runs(run)}
     assert len(wandb_runs(run)) == 2 and wandb_ids == {stable_id(str(run.resolve()))}
+    # the data: each rank's epochs match the uninterrupted job's; the cut epoch holds only
+    # the batches after the cut (the epoch continued, not replayed)
+    state = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    cut_epoch, done = (
+        state["ShardDataModule"]["train_epoch"],
+        state["ShardDataModule"]["train_batches"],
+    )
+    for rank in (0, 1):
+        for epoch in range(EPOCHS):
+            name = f"seen_keys/rank{rank}-epoch{epoch}.txt"
+            plain_keys = (plain_run / name).read_text().split()
+            keys = (run / name).read_text().split()
+            if epoch == cut_epoch and 0 < done < STEPS:
+                assert keys == plain_keys[done * 64 :], (rank, epoch, done)
+            else:
+                assert keys == plain_keys, (rank, epoch)
 
 
 @pytest.mark.slurm

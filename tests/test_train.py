@@ -180,8 +180,8 @@ def test_resume_point_from_another_data_layout_restarts_the_epoch_with_a_warning
     assert dm.train_stream.resume_point == (0, 3)
 
     dm.train_stream.resume_point = None
-    dm.load_state_dict({**saved, "train_layout": {**saved["train_layout"], "batch_size": 32}})
     with caplog.at_level(logging.WARNING, logger="fairclip.data.datamodule"):
+        dm.load_state_dict({**saved, "train_layout": {**saved["train_layout"], "batch_size": 32}})
         dm.train_dataloader()
     assert dm.train_stream.resume_point is None
     assert "batch_size changed" in caplog.text and "restarts from its first batch" in caplog.text

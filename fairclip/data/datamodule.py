@@ -111,26 +111,31 @@ class ShardDataModule(L.LightningDataModule):
             self.val_stream = self._stream(self.val_shards, train=False)
             self.val_stream.set_distributed(rank, world)
 
-    def _loader(self, stream: ShardStream) -> DataLoader:
-        return stream_loader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
+    def _loader(
+        self, stream: ShardStream, epoch_source: Callable[[], int] | None = None
+    ) -> DataLoader:
+        return stream_loader(
+            stream, self.num_workers, torch.cuda.is_available(), epoch_source=epoch_source
+        )
 
     def train_dataloader(self) -> DataLoader:
+        """Each pass reads the trainer's epoch at its first batch (see StreamLoader)."""
         if self.train_stream is None:
             raise RuntimeError("data.train_shards is not set: nothing to train on")
         trainer = getattr(self, "trainer", None)
-        self.train_stream.set_epoch(trainer.current_epoch if trainer is not None else 0)
         self._resume_train_stream()
-        return self._loader(self.train_stream)
+        epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+        return self._loader(self.train_stream, epoch_source)
 
     def _resume_train_stream(self) -> None:
         """Continue the checkpoint's epoch after its trained batches, if the data layout that
         fixes the batch order is unchanged (else the epoch restarts, with a warning)."""
-        state, self.resume_state = self.resume_state, None
         stream = self.train_stream
-        if state is None or stream is None or state["train_epoch"] != stream.epoch:
-            return  # nothing to resume, or the checkpoint's epoch was finished
-        if state["train_batches"] >= len(stream):
-            return
+        if stream is None:
+            return  # applied when the stream exists (the checkpoint may come first)
+        state, self.resume_state = self.resume_state, None
+        if state is None or state.get("train_epoch_finished", False):
+            return  # nothing to resume: Lightning starts the next epoch
         layout = stream.layout()
         if state.get("train_layout") != layout:
             changed = sorted(k for k in layout if layout[k] != state.get("train_layout", {}).get(k))
@@ -156,14 +161,19 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        state = {"train_epoch": trainer.current_epoch, "train_batches": int(done)}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        state = {
+            "train_epoch": trainer.current_epoch,
+            "train_batches": done,
+            "train_epoch_finished": done >= trainer.num_training_batches,
+        }
         if self.train_stream is not None:
             state["train_layout"] = self.train_stream.layout()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resume_state = dict(state_dict) if "train_epoch" in state_dict else None
+        self._resume_train_stream()  # the loader may exist already: its workers start later
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_stream) if self.val_stream is not None else []

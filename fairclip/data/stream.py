@@ -315,24 +315,50 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`ShardStream` that drops the batches a resumed pass produces
-    again (see :meth:`ShardStream.resume_split`), so it yields the epoch from the cut on."""
+    """A DataLoader over a :class:`ShardStream`. For training it starts its workers at the
+    first batch of a pass, with the epoch ``epoch_source()`` gives then, and drops the batches
+    a resumed pass produces again (see :meth:`ShardStream.resume_split`).
+
+    Why the first batch, not ``iter()``: Lightning calls ``iter()`` on the train loader while
+    it sets up, before a checkpoint's epoch is restored, and not again for the resumed epoch
+    (nor does it call ``on_train_epoch_start`` when resuming mid-epoch). Workers started at
+    ``iter()`` would get epoch 0's plan there.
+    """
+
+    def __init__(
+        self, dataset: ShardStream, *, epoch_source: Callable[[], int] | None = None, **kwargs
+    ) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch_source = epoch_source
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.dataset.train:  # evaluation: one plan for every pass, nothing to resume
+            return super().__iter__()
+        return self._train_batches_from_first_request()
+
+    def _train_batches_from_first_request(self) -> Iterator[dict]:
         stream = self.dataset
-        drop = stream.resume_split(stream.train_quotas())[1] if stream.train else 0
+        if self.epoch_source is not None:
+            stream.set_epoch(self.epoch_source())
+        drop = stream.resume_split(stream.train_quotas())[1]
         batches = super().__iter__()
         for _ in range(drop):
             next(batches)
-        return batches
+        yield from batches
 
 
-def stream_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def stream_loader(
+    stream: ShardStream,
+    num_workers: int,
+    pin_memory: bool = False,
+    epoch_source: Callable[[], int] | None = None,
+) -> DataLoader:
     """A DataLoader over a self-batching ``stream`` (``batch_size=None``), for training and
-    evaluation alike. Workers are not persistent: re-created each epoch, they see the new epoch
-    number. They come from :func:`worker_context`."""
+    evaluation alike. Workers are not persistent: re-created each pass, they see the epoch of
+    ``epoch_source`` (the trainer's ``current_epoch``). They come from :func:`worker_context`."""
     return StreamLoader(
         stream,
+        epoch_source=epoch_source,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -147,11 +147,6 @@ class FairCLIPModule(L.LightningModule):
         return loss_fn(image, text, scale)
 
     # -- training ----------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
-
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """The contrastive loss; the batch's unit embeddings ride along (detached) so that
         callbacks such as the SAE's reuse them instead of encoding the batch again."""
