@@ -19,10 +19,8 @@ class Throughput(L.Callback):
         self._samples = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._samples = (
-            None,
-            0,
-        )  # epoch boundaries (validation, re-forked workers) are not steps
+        # epoch boundaries (validation, re-forked workers) are not steps
+        self._start, self._samples = None, 0
 
     def on_train_batch_end(
         self,
