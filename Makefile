@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 export OMP_NUM_THREADS ?= 2
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo demo-lit demo-spurious test test-all test-slurm lint format bench clean
+.PHONY: venv demo demo-lit demo-spurious test test-slow test-all test-slurm lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo-spurious: venv $(SPURIOUS)/train/sizes.json $(SPURIOUS_BALANCED)/train/size
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10
+
+# the tests marked slow (multi-process DDP runs, ~1 min on 2 cores); CI runs them after `test`
+test-slow: venv
+	$(BIN)/pytest -m slow --durations=5
 
 test-all: venv
 	$(BIN)/pytest --durations=15
