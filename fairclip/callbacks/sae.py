@@ -2,13 +2,14 @@
 
 Why a callback: the SAE (for SEM and for analysis) must describe the exact weights the run
 ends with, and watching its FVU / dead latents during training shows how the embedding space
-drifts. During training, every ``every_n_steps`` training batches, a few :func:`sae_step` updates run on
-a FIFO buffer of fresh text (caption) and image embeddings of the training batches. At the end
-of training an SAE per modality is trained to convergence (:func:`train_sae`) on embeddings of
-the final model, evaluated (:func:`sae_metrics`), logged under ``sae/...`` with the
-top-activating captions per latent (a wandb table if a WandbLogger is attached, else
-``<dirpath>/top_activating.json``), and saved as ``<dirpath>/{text,image}_sae.safetensors``
-(``dirpath`` defaults to ``<output_dir>/sae``, beside ``checkpoints/``).
+drifts. During training, every ``every_n_steps`` training batches, a few :func:`sae_step`
+updates run on a FIFO buffer of fresh text (caption) and image embeddings of the training
+batches. At the end of training an SAE per modality is trained to convergence
+(:func:`train_sae`) on embeddings of the final model, evaluated (:func:`sae_metrics`),
+logged under ``sae/...`` with the top-activating captions per latent (a wandb table if a
+WandbLogger is attached, else ``<dirpath>/top_activating.json``), and saved as
+``<dirpath>/{text,image}_sae.safetensors`` (``dirpath`` defaults to ``<output_dir>/sae``,
+beside ``checkpoints/``).
 
 Under DDP every rank buffers the embeddings of its own batches (the ones its training step
 already computed, so nothing is encoded twice) and the buffers are gathered to rank 0, which
