@@ -116,6 +116,26 @@ def test_expand_prompts() -> None:
         expand_prompts(3, "k")
 
 
+def test_per_class_bias_prompts_pair_groups_within_each_class(tmp_path: Path) -> None:
+    """debias=synthetic_per_class: every group prompt names a class, and the prompts of the
+    two values differ only in the group word at each position (Orth-Proj pairs by position)."""
+    cfg = _compare_cfg(tmp_path, tmp_path, tmp_path, "debias=synthetic_per_class")
+    concepts = list(cfg.data.concepts)
+    for attr, (a, b), (wa, wb) in (
+        ("gender", ("female", "male"), ("woman", "man")),
+        ("background", ("warm", "cool"), ("warm", "cool")),
+    ):
+        first = expand_prompts(cfg.debias.bias_prompts[attr][a], attr)
+        second = expand_prompts(cfg.debias.bias_prompts[attr][b], attr)
+        assert len(first) == len(second) >= 3 * len(concepts)
+        assert all(any(f" {c}" in p for c in concepts) for p in first + second)
+        assert [p.replace(f" {wa}", f" {wb}") for p in first] == second
+    # everything else is the default prompt set
+    base = _compare_cfg(tmp_path, tmp_path, tmp_path)
+    assert cfg.debias.reference_prompts == base.debias.reference_prompts
+    assert cfg.debias.class_templates == base.debias.class_templates
+
+
 # -- on a trained demo model ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_run(trained_run: Path) -> Path:
