@@ -13,8 +13,8 @@ beside ``checkpoints/``).
 
 Under DDP every rank buffers the embeddings of its own batches (the ones its training step
 already computed, so nothing is encoded twice) and the buffers are gathered to rank 0, which
-trains, logs and saves: the SAE sees the data of all ranks, as ``buffer_size`` and
-``final_samples`` rows in total (an equal share from each rank), not rank 0's share only.
+trains, logs and saves: the SAE sees the data of all ranks, ``ceil(buffer_size / world)``
+and ``ceil(final_samples / world)`` rows from each, not rank 0's share only.
 """
 
 from __future__ import annotations

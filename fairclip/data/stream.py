@@ -340,7 +340,7 @@ class StreamLoader(DataLoader):
         stream = self.dataset
         if self.epoch_source is not None:
             stream.set_epoch(self.epoch_source())
-        drop = stream.resume_split(stream.train_quotas())[1]
+        drop = stream.resume_split(stream.train_quotas())[1] if stream.resume_point else 0
         batches = super().__iter__()
         for _ in range(drop):
             next(batches)
