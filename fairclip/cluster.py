@@ -100,6 +100,8 @@ class SlurmRequeue(L.Callback):
     training batch the ranks sum their flags, then all save ``hpc_ckpt_<n>.ckpt`` in the run
     dir. On the requeue signal rank 0 closes the loggers and runs ``scontrol requeue``, and every
     rank exits; on SIGTERM it only saves (Slurm requeues preempted jobs itself, Lightning stops).
+    It must come after the callbacks whose state the checkpoint holds (``cluster_plugins``
+    appends it), so their hooks for the step have run when it saves.
     """
 
     def __init__(self, signum: int = REQUEUE_SIGNAL) -> None:

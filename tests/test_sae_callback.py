@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -136,3 +139,74 @@ def test_sae_under_two_process_ddp_learns_from_every_rank(
     ]
     assert buffer_rows == [256.0, 512.0]  # 2 ranks x 64 per step, after steps 2 and 4
     assert load_sae(out / "sae" / "text_sae.safetensors").cfg.n_latents == 64
+
+
+class RecordSAEUpdates(L.Callback):
+    """After the SAE callback's batch hook: (global step, Adam steps of the text SAE) at each
+    update, i.e. how far the during-training SAE has been trained."""
+
+    def __init__(self, sae_cb: SAECallback) -> None:
+        self.sae_cb, self.updates = sae_cb, []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if self.sae_cb._batches % self.sae_cb.every_n_steps == 0:
+            opt = self.sae_cb.opts["text"]
+            adam_steps = int(next(iter(opt.state.values()))["step"])
+            self.updates.append((trainer.global_step, adam_steps))
+
+
+def test_requeued_run_continues_the_during_training_sae(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Slurm requeue mid-epoch: the checkpoint carries the during-training SAEs, their Adam
+    state and the batch count, so the resumed run updates at the uninterrupted run's steps and
+    goes on training the same SAE (a fresh one would restart at 2 Adam steps, at step 9)."""
+    from fairclip.cluster import SlurmRequeue
+    from fairclip.train import build
+
+    monkeypatch.setattr("fairclip.cluster.requeue_slurm_job", lambda: True)
+    overrides = [
+        "callbacks=sae", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=1", "export=false", "callbacks.sae.every_n_steps=2",
+        "callbacks.sae.steps_per_update=2", "callbacks.sae.n_latents=64",
+        "callbacks.sae.final_samples=256", "callbacks.sae.final_epochs=2",
+    ]  # fmt: skip
+
+    def start(run_dir: Path, *signal_cbs: L.Callback) -> tuple[L.Trainer, RecordSAEUpdates, tuple]:
+        module, dm, trainer = build(
+            compose_train(small_run_overrides(synthetic_dir, *overrides), run_dir)
+        )
+        (sae_cb,) = [c for c in trainer.callbacks if isinstance(c, SAECallback)]
+        probe = RecordSAEUpdates(sae_cb)
+        trainer.callbacks.insert(trainer.callbacks.index(sae_cb) + 1, probe)
+        if signal_cbs:  # SlurmRequeue last, after every batch hook, as cluster_plugins adds it
+            signal_at, requeue = signal_cbs
+            trainer.callbacks[:0] = [signal_at]
+            trainer.callbacks.append(requeue)
+        return trainer, probe, (module, dm)
+
+    trainer, reference, fit_args = start(tmp_path / "ref")
+    trainer.fit(*fit_args)
+    assert reference.updates == [(2, 2), (4, 4), (6, 6), (8, 8), (10, 10)]
+
+    class SignalAtStep7(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer, first, fit_args = start(tmp_path / "cut", SignalAtStep7(), SlurmRequeue())
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(SystemExit):
+            trainer.fit(*fit_args)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    ckpt = tmp_path / "cut" / "hpc_ckpt_1.ckpt"
+    (state,) = [
+        v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "SAE" in k
+    ]
+    assert state["batches"] == 7 and set(state["saes"]) == {"text", "image"}
+
+    trainer, second, fit_args = start(tmp_path / "cut")
+    trainer.fit(*fit_args, ckpt_path=str(ckpt))
+    assert first.updates + second.updates == reference.updates

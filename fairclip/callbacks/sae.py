@@ -15,6 +15,12 @@ Under DDP every rank buffers the embeddings of its own batches (the ones its tra
 already computed, so nothing is encoded twice) and the buffers are gathered to rank 0, which
 trains, logs and saves: the SAE sees the data of all ranks, ``ceil(buffer_size / world)``
 and ``ceil(final_samples / world)`` rows from each, not rank 0's share only.
+
+The during-training SAEs, their optimisers and the batch count are part of every Lightning
+checkpoint (``state_dict``), so a requeued or resumed run continues the monitoring curve and
+its update cadence instead of starting a fresh SAE. The embedding buffers are not saved (under
+DDP each rank holds its own, and a checkpoint holds rank 0's state only): they refill from
+the first batches after the resume.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from fairclip.data.shards import atomic_write_text
 from fairclip.debias.sae import (
     MatryoshkaTopKSAE,
     SAEConfig,
@@ -109,6 +116,7 @@ class SAECallback(L.Callback):
         self.buffers: dict[str, Tensor] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._batches = 0
+        self._restored: dict[str, dict[str, Any]] = {}  # from a checkpoint, built on first use
 
     # -- helpers -----------------------------------------------------------------------------
     def _config(self, d_in: int) -> SAEConfig:
@@ -134,6 +142,42 @@ class SAECallback(L.Callback):
             return self._embed(pl_module, batch)
         return {m: given[m].detach().float() for m in self.modalities}
 
+    def _sae_for(self, mod: str, d_in: int, device: torch.device) -> MatryoshkaTopKSAE:
+        """The modality's during-training SAE: restored from the checkpoint if there was one
+        (its optimiser state too), else new."""
+        if mod not in self.saes:
+            saved = self._restored.pop(mod, None)
+            cfg = SAEConfig.from_dict(saved["config"]) if saved else self._config(d_in)
+            if cfg.d_in != d_in:
+                raise ValueError(
+                    f"callbacks.sae: the checkpoint's {mod} SAE takes {cfg.d_in}-dim "
+                    f"embeddings, the model gives {d_in}"
+                )
+            self.saes[mod] = MatryoshkaTopKSAE(cfg).to(device)
+            self.opts[mod] = make_optimizer(self.saes[mod])
+            if saved:
+                self.saes[mod].load_state_dict(saved["sae"])
+                self.opts[mod].load_state_dict(saved["optimizer"])
+        return self.saes[mod]
+
+    # -- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        saes = {
+            mod: {
+                "config": sae.cfg.to_dict(),
+                "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+                "optimizer": self.opts[mod].state_dict(),
+            }
+            for mod, sae in self.saes.items()
+            if mod in self.opts  # the final SAEs of on_fit_end have no optimiser to resume
+        }
+        return {"batches": self._batches, "saes": {**self._restored, **saes}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._batches = int(state_dict.get("batches", 0))
+        self._restored = dict(state_dict.get("saes", {}))
+        self.saes, self.opts = {}, {}
+
     # -- during training -----------------------------------------------------------------
     def on_train_batch_end(
         self,
@@ -158,10 +202,8 @@ class SAECallback(L.Callback):
         for mod, buf in gathered.items():
             if buf.shape[0] < 2:
                 continue
-            if mod not in self.saes:
-                self.saes[mod] = MatryoshkaTopKSAE(self._config(buf.shape[1])).to(buf.device)
-                self.opts[mod] = make_optimizer(self.saes[mod])
-            sae, bs = self.saes[mod], min(self.sae_kwargs["batch_size"], buf.shape[0])
+            sae = self._sae_for(mod, buf.shape[1], buf.device)
+            bs = min(self.sae_kwargs["batch_size"], buf.shape[0])
             for _ in range(self.steps_per_update):
                 idx = torch.randperm(buf.shape[0], device=buf.device)[:bs]
                 step_logs = sae_step(sae, self.opts[mod], buf[idx])
@@ -226,12 +268,13 @@ class SAECallback(L.Callback):
         for mod, x in embs.items():
             sae, hist = train_sae(x, self._config(x.shape[1]), progress=False)
             self.saes[mod] = sae
+            self.opts.pop(mod, None)
             save_sae(sae, self.dirpath / f"{mod}_sae.safetensors")
             m = sae_metrics(sae, x)
             self.final_metrics[mod] = {**m, "train_seconds": hist["seconds"], "n": x.shape[0]}
             logs.update({f"sae/{mod}/final_{k}": float(m[k]) for k in _LOGGED})
         logs["sae/final_fvu"] = max(v for k, v in logs.items() if k.endswith("final_fvu"))
-        (self.dirpath / "metrics.json").write_text(json.dumps(self.final_metrics, indent=1))
+        atomic_write_text(self.dirpath / "metrics.json", json.dumps(self.final_metrics, indent=1))
         top = self._top_activating(embs, captions)
         for logger in trainer.loggers:
             logger.log_metrics(logs, step=trainer.global_step)
@@ -260,7 +303,7 @@ class SAECallback(L.Callback):
             sae, x[rows], [captions[i] for i in rows.tolist()], self.top_n, latents
         )
         path = self.dirpath / "top_activating.json"
-        path.write_text(json.dumps({str(k): v for k, v in top.items()}, indent=1))
+        atomic_write_text(path, json.dumps({str(k): v for k, v in top.items()}, indent=1))
         return top
 
 
