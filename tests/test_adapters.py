@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -114,14 +115,20 @@ def test_fairface_counts_match_the_label_file(
         run_cli(capsys, "fairface", f"labels={FAIRFACE_CSV}", f"images={images}", f"out={root}/x")
 
 
-def test_fairface_shards_evaluate_with_the_fairface_configs(
-    fairface: tuple[Path, Path, list[dict]], capsys: pytest.CaptureFixture, tmp_path: Path
-) -> None:
-    root, images, rows = fairface
+def fairface_shards(fairface: tuple[Path, Path, list[dict]], capsys: pytest.CaptureFixture) -> Path:
+    root, images, _ = fairface
     out = root / "shards"
     if not (out / "val" / "sizes.json").exists():
         run_cli(capsys, "fairface", f"labels={FAIRFACE_CSV}", f"images={images}", f"out={out}",
                 "missing_images=skip")  # fmt: skip
+    return out / "val"
+
+
+def test_fairface_shards_evaluate_with_the_fairface_configs(
+    fairface: tuple[Path, Path, list[dict]], capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    rows = fairface[2]
+    out = fairface_shards(fairface, capsys).parent
     cfg = compose_eval(
         ["data=fairface", "prompts=fairface", f"data.val_shards={out}/val",
          "model.name=fairclip-tiny", "progress=false", "num_workers=0", "wandb.enabled=false",
@@ -139,6 +146,68 @@ def test_fairface_shards_evaluate_with_the_fairface_configs(
     for attr in ("gender", "race", "age"):
         assert 0 <= report["metrics"]["bias"][f"cramers_v/{attr}"] <= 1
         assert f"maxskew@100/{attr}/dem_par" in report["metrics"]["skew"]["stereotypes"]
+
+
+def test_compare_debiases_the_occupation_queries_on_fairface(
+    fairface: tuple[Path, Path, list[dict]],
+    capsys: pytest.CaptureFixture,
+    trained_run: Path,
+    tmp_path: Path,
+) -> None:
+    """Orth-Proj and SEM with `debias=social` on FairFace shards, which have no concepts: the
+    table reads the skew of the occupation queries on the neutral split (query_set), and the
+    lean is measured on those queries, for gender and for race."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fairclip.debias.compare import run as compare
+    from fairclip.runtime import CONF_DIR
+
+    shards = fairface_shards(fairface, capsys)
+
+    def cfg(out: Path, *extra: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose(
+                config_name="debias_compare",
+                overrides=[
+                    f"model_path={trained_run}", "data=fairface", "prompts=fairface",
+                    "debias=social", f"data.val_shards={shards}", f"output_dir={out}",
+                    "sae_train.epochs=50", "methods=[clip,orth_proj,sem_b,sem_i]", *extra,
+                ],
+            )  # fmt: skip
+
+    for attribute in ("gender", "race"):
+        out = tmp_path / attribute
+        result = compare(cfg(out, "query_set=occupations", f"attribute={attribute}"))
+        rows = result["rows"]
+        assert result["query_set"] == "occupations"
+        assert all(r["maxskew@300"] >= 0 and r["ndkl@300"] >= 0 for r in rows.values())
+        # the occupation prompts lean toward a group and Orth-Proj removes that lean
+        assert rows["clip"]["class_lean"] > 0.01
+        assert abs(rows["orth_proj"]["class_lean"]) < 0.05 * rows["clip"]["class_lean"]
+        if attribute == "gender":  # SEM_b shrinks the gender lean (most of it sits in
+            # latents its bias score flags); on race this model's lean hardly moves
+            assert result["sae"]["flagged_lean_share"] > 0.5
+            assert rows["sem_b"]["class_lean"] < 0.9 * rows["clip"]["class_lean"]
+        assert math.isnan(rows["clip"]["acc"])  # no concept labels: in the JSON only
+        md = (out / "compare.md").read_text()
+        assert "| acc |" not in md and "| maxskew@300 |" in md and "query set occupations" in md
+        assert result["sae"]["corpus_prompts"] > 300  # social.yaml's corpus and D
+
+        if attribute == "gender":  # the same weights by architecture name + weights file
+            by_name = compare(cfg(
+                tmp_path / "by_name", "query_set=occupations", "methods=[clip]",
+                "model_path=fairclip-tiny",
+                f"pretrained={trained_run}/export/open_clip_model.safetensors",
+            ))  # fmt: skip
+            assert by_name["rows"]["clip"] == pytest.approx(rows["clip"], nan_ok=True)
+
+    with pytest.raises(ValueError, match=r"query_set=concepts: data.concepts is empty.*"
+                       r"'occupations'"):  # fmt: skip
+        compare(cfg(tmp_path / "x"))
+    with pytest.raises(ValueError, match=r"query_set='nope': .*expected one of \['neutral'"):
+        compare(cfg(tmp_path / "y", "query_set=nope"))
 
 
 def test_fairface_bad_label_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

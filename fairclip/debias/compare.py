@@ -198,9 +198,12 @@ class CompareContext(Mapping[str, Any]):
         return {str(c): [t.format(c) for t in templates] for c in self.cfg.debias.classes}
 
     def class_prompt_list(self) -> list[str]:
-        """The zero-shot class prompts (every template x concept) the lean is measured on."""
+        """The prompts the lean is measured on: the zero-shot class prompts (every template x
+        concept) for ``query_set=concepts``, else the table's query set's queries."""
         spec = self.options.get("spec") or spec_from_cfg(_eval_view(self.cfg))
-        return [t.format(c) for c in spec.concepts for t in spec.zero_shot_templates]
+        if str(self.cfg.query_set) == "concepts":
+            return [t.format(c) for c in spec.concepts for t in spec.zero_shot_templates]
+        return list(query_set(spec, str(self.cfg.query_set)).prompts)
 
     def lean_basis(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What the class-prompt lean is measured against, encoded once per context.
@@ -215,11 +218,12 @@ class CompareContext(Mapping[str, Any]):
             if attr not in self.cfg.debias.bias_prompts:
                 return None
             values = self.bias_prompts([attr])[attr]
-            if len(values) < 2:
+            prompts = self.class_prompt_list()
+            if len(values) < 2 or not prompts:
                 return None
             means = torch.stack([self.encode(p).mean(0) for p in values.values()])
             others = (means.sum(0, keepdim=True) - means) / (len(means) - 1)
-            self._lean_basis = (means - others, self.encode(self.class_prompt_list()))
+            self._lean_basis = (means - others, self.encode(prompts))
         return self._lean_basis
 
     @property
@@ -348,12 +352,28 @@ for _v in ("i", "b", "bi"):
 
 
 # -- table -------------------------------------------------------------------------------------
+def query_set(spec: Any, name: str) -> Any:
+    """The eval spec's query set ``name`` (the config key ``query_set``), or a clear error."""
+    found = {qs.name: qs for qs in spec.query_sets}
+    if name not in found:
+        raise ValueError(
+            f"query_set={name!r}: the prompts have no such query set, expected one of "
+            f"{sorted(found)} (prompts.query_sets)"
+        )
+    return found[name]
+
+
 def summarize(
-    report: Mapping[str, Any], attribute: str, target: str, k: int, recall_k: int
+    report: Mapping[str, Any],
+    attribute: str,
+    target: str,
+    k: int,
+    recall_k: int,
+    queries: str = "concepts",
 ) -> dict[str, float]:
-    """The table's columns from an evaluate_model report."""
+    """The table's columns from an evaluate_model report; skew of the query set ``queries``."""
     m = report["metrics"]
-    zs, skew = m.get("zeroshot", {}), m.get("skew", {}).get("concepts", {})
+    zs, skew = m.get("zeroshot", {}), m.get("skew", {}).get(queries, {})
     able, bias, rec = m.get("able", {}), m.get("bias", {}), m.get("retrieval", {})
     nan = float("nan")
     return {
@@ -387,15 +407,19 @@ def class_lean(model: DebiasedCLIP, bundle: ModelBundle, ctx: CompareContext) ->
 
 
 def skew_by_depth(
-    report: Mapping[str, Any], attribute: str, target: str, ks: Sequence[int]
+    report: Mapping[str, Any],
+    attribute: str,
+    target: str,
+    ks: Sequence[int],
+    queries: str = "concepts",
 ) -> dict[str, float]:
-    """MaxSkew@k and NDKL@k of the concept queries at every depth ``k`` of ``ks``.
+    """MaxSkew@k and NDKL@k of the query set ``queries`` at every depth ``k`` of ``ks``.
 
     Why: one k hides where in the ranking a method moves the groups; on the demo the top of a
     concept's ranking is counter-stereotypical and its tail stereotypical, so a text-side fix
     that flattens the tail (MaxSkew@300) can make the top one-sided (MaxSkew@10).
     """
-    skew = report["metrics"].get("skew", {}).get("concepts", {})
+    skew = report["metrics"].get("skew", {}).get(queries, {})
     nan = float("nan")
     return {
         f"{name}@{k}": skew.get(f"{name}@{k}/{attribute}/{target}", nan)
@@ -418,19 +442,28 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], sae_info: Mapping[st
 
 
 def _rows_markdown(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
-    cols = list(next(iter(rows.values())))
+    """Rows as a markdown table; a column that is NaN in every row (e.g. accuracy on a face
+    dataset without concepts) is left out (compare.json keeps it)."""
+    cols = [
+        c
+        for c in next(iter(rows.values()))
+        if any(not (isinstance(r[c], float) and math.isnan(r[c])) for r in rows.values())
+    ]
     return [
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),
         *(
-            f"| {name} | " + " | ".join(_fmt(v) for v in vals.values()) + " |"
+            f"| {name} | " + " | ".join(_fmt(vals[c]) for c in cols) + " |"
             for name, vals in rows.items()
         ),
     ]
 
 
 def plot_skew_by_depth(
-    depth: Mapping[str, Mapping[str, float]], ks: Sequence[int], path: Path
+    depth: Mapping[str, Mapping[str, float]],
+    ks: Sequence[int],
+    path: Path,
+    queries: str = "concepts",
 ) -> Path:
     """MaxSkew@k and NDKL@k against k, one line per method (``compare_depth.png``)."""
     from matplotlib.figure import Figure
@@ -445,7 +478,7 @@ def plot_skew_by_depth(
         ax.set_xscale("log")
         ax.set_xticks(list(ks), [str(k) for k in ks])
         ax.set_xlabel("k (ranking depth)")
-        ax.set_title(f"{'MaxSkew' if name == 'maxskew' else 'NDKL'}@k of the concept queries")
+        ax.set_title(f"{'MaxSkew' if name == 'maxskew' else 'NDKL'}@k of the {queries} queries")
     axes[1].legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -466,9 +499,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec = spec_from_cfg(_eval_view(cfg))
     if cfg.attribute not in spec.attributes:
         raise ValueError(f"attribute={cfg.attribute!r}: expected one of {list(spec.attributes)}")
+    if str(cfg.query_set) == "concepts" and not spec.concepts:
+        raise ValueError(
+            "query_set=concepts: data.concepts is empty (a face dataset without concept "
+            "labels); set query_set to one of the prompts' query sets: "
+            f"{[q.name for q in spec.query_sets]}"
+        )
+    query_set(spec, str(cfg.query_set))
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
-    bundle = load_model(str(cfg.model_path), device=device)
+    pretrained = cfg.get("pretrained")
+    bundle = load_model(
+        str(cfg.model_path), pretrained=None if pretrained is None else str(pretrained),
+        device=device,
+    )  # fmt: skip
     path = Path(str(cfg.model_path))
     run_dir = path if path.is_dir() else None
     if path.is_file() and path.parent.name == "checkpoints":  # <run dir>/checkpoints/last.ckpt
@@ -527,6 +571,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = {
         "model": str(cfg.model_path),
         "attribute": cfg.attribute,
+        "query_set": str(cfg.query_set),
         "target": cfg.target,
         "k": int(cfg.table_k),
         "selected_on": selected_on,
@@ -543,12 +588,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for seed, r in zip(seeds, runs, strict=True)
         ]
         result["spread"] = spread
+    queries = "" if cfg.query_set == "concepts" else f", query set {cfg.query_set}"
     table += (
-        f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}; plot: {DEPTH_PLOT}):\n\n"
+        f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}{queries}; plot: {DEPTH_PLOT}):\n\n"
         + "\n".join(_rows_markdown(depth))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_skew_by_depth(depth, depth_ks, out_dir / DEPTH_PLOT)
+    plot_skew_by_depth(depth, depth_ks, out_dir / DEPTH_PLOT, str(cfg.query_set))
     atomic_write_text(out_dir / "compare.md", table + "\n")
     atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")
     print(table)
@@ -592,11 +638,12 @@ def _evaluate_methods(
             progress=bool(cfg.progress),
         )  # fmt: skip
         reports[name] = {**report["metrics"], "cells": report["cells"]}
+        queries = str(cfg.query_set)
         rows[name] = summarize(
-            report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k)
+            report, cfg.attribute, cfg.target, int(cfg.table_k), int(cfg.recall_k), queries
         )
         rows[name]["class_lean"] = class_lean(model, bundle, ctx)
-        depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks)
+        depth[name] = skew_by_depth(report, cfg.attribute, cfg.target, depth_ks, queries)
         if cfg.save_models:
             model.save(models_dir / name)
         log.info("seed %s, %s: %s", ctx["seed"], name, rows[name])
