@@ -210,3 +210,16 @@ def test_requeued_run_continues_the_during_training_sae(
     trainer, second, fit_args = start(tmp_path / "cut")
     trainer.fit(*fit_args, ckpt_path=str(ckpt))
     assert first.updates + second.updates == reference.updates
+
+
+def test_checkpointed_sae_of_another_width_names_the_mismatch(tmp_path: Path) -> None:
+    """Resuming a run whose model changed embedding size stops with both sizes, not a
+    shape error deep in load_state_dict."""
+    saved = SAECallback(tmp_path, n_latents=32)
+    saved._sae_for("text", 8, torch.device("cpu"))
+    resumed = SAECallback(tmp_path, n_latents=32)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.state_dict()["saes"]["text"]["config"]["d_in"] == 8  # kept until used
+    with pytest.raises(ValueError, match="checkpoint's text SAE takes 8-dim embeddings, the "
+                       "model gives 16"):  # fmt: skip
+        resumed._sae_for("text", 16, torch.device("cpu"))
