@@ -173,7 +173,8 @@ def test_compare_debiases_the_occupation_queries_on_fairface(
                 overrides=[
                     f"model_path={trained_run}", "data=fairface", "prompts=fairface",
                     "debias=social", f"data.val_shards={shards}", f"output_dir={out}",
-                    "sae_train.epochs=50", "methods=[clip,orth_proj,sem_b,sem_i]", *extra,
+                    "sae_train.epochs=50", "methods=[clip,orth_proj,sem_b,sem_i]",
+                    "wandb.enabled=false", *extra,
                 ],
             )  # fmt: skip
 

@@ -109,6 +109,7 @@ def test_compare_uses_the_run_sae(sae_run: Path, synthetic_dir: Path, tmp_path: 
                 f"data.val_shards={synthetic_dir}/eval",
                 f"output_dir={tmp_path}",
                 "methods=[sem_b]",
+                "wandb.enabled=false",
             ],
         )
     result = run(cfg)

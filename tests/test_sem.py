@@ -153,6 +153,7 @@ def _compare_cfg(run_dir: Path, synthetic_dir: Path, out: Path, *extra: str):
                 f"data.val_shards={synthetic_dir}/eval",
                 f"output_dir={out}",
                 "table_k=10",  # the fixture's eval split has 60 images per concept
+                "wandb.enabled=false",
                 *extra,
             ],
         )
@@ -161,7 +162,9 @@ def _compare_cfg(run_dir: Path, synthetic_dir: Path, out: Path, *extra: str):
 @pytest.fixture(scope="module")
 def table(demo_run: Path, synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("compare")
-    result = run(_compare_cfg(demo_run, synthetic_dir, out, "save_models=true"))
+    result = run(
+        _compare_cfg(demo_run, synthetic_dir, out, "save_models=true", "wandb.enabled=true")
+    )
     result["out"] = out
     return result
 
@@ -192,6 +195,22 @@ def test_compare_table(table: dict) -> None:
         assert rows[name]["able@10"] > clip["able@10"], name
     assert rows["orth_proj"]["maxskew@10"] < clip["maxskew@10"] - 0.1
     assert rows["sem_i"]["acc"] >= clip["acc"] - 0.05
+
+
+def test_compare_logs_the_table_to_wandb(table: dict) -> None:
+    """The offline wandb run in the output dir holds the table (as in compare.json), the depth
+    table, the plot, and each finite cell as a summary value."""
+    (run_dir,) = (table["out"] / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    logged = json.loads(next((media / "table" / "debias_compare").glob("table_*")).read_text())
+    assert logged["columns"][0] == "method" and len(logged["data"]) == 5
+    row = next(r for r in logged["data"] if r[0] == "sem_b")
+    sem_b = dict(zip(logged["columns"], row, strict=True))
+    assert sem_b["maxskew@10"] == pytest.approx(table["rows"]["sem_b"]["maxskew@10"])
+    assert next((media / "table" / "debias_compare").glob("depth_*"))
+    assert next((media / "images" / "debias_compare" / "plots").glob("compare_depth*.png"))
+    records = next(run_dir.glob("run-*.wandb")).read_bytes()  # offline: summary in records
+    assert b"debias_compare/orth_proj/class_lean" in records
 
 
 def test_compare_on_the_spurious_background(

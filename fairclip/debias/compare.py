@@ -53,7 +53,7 @@ from fairclip.evaluate import (
 )
 from fairclip.evaluate import resolve_splits as _resolve_splits
 from fairclip.model.factory import ModelBundle, load_model
-from fairclip.report.io import to_json
+from fairclip.report.io import DEBIAS_TABLE_SCHEMA, to_json
 from fairclip.runtime import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -569,6 +569,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{selected_on}{leak}."
         )
     result = {
+        "schema": DEBIAS_TABLE_SCHEMA,
         "model": str(cfg.model_path),
         "attribute": cfg.attribute,
         "query_set": str(cfg.query_set),
@@ -597,8 +598,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plot_skew_by_depth(depth, depth_ks, out_dir / DEPTH_PLOT, str(cfg.query_set))
     atomic_write_text(out_dir / "compare.md", table + "\n")
     atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")
+    _log_to_wandb(cfg, result, out_dir)
     print(table)
     return result
+
+
+def _log_to_wandb(cfg: DictConfig, result: Mapping[str, Any], out_dir: Path) -> None:
+    """The table, depth table, per-seed rows and plot to a wandb run in ``out_dir`` (offline
+    unless logged in), as ``fairclip-eval`` does with its report; ``wandb.enabled=false``
+    turns it off."""
+    w = cfg.get("wandb") or {}
+    if not w.get("enabled"):
+        return
+    from fairclip.report.wandb_log import log_to_wandb
+    from fairclip.runtime import stable_id
+
+    config = {
+        "methods": list(cfg.methods), "attribute": str(cfg.attribute),
+        "query_set": str(cfg.query_set), "target": str(cfg.target), "k": int(cfg.table_k),
+        "seeds": result.get("seeds", [int(cfg.seed)]),
+    }  # fmt: skip
+    log_to_wandb(
+        {**result, "config": config},
+        {f"plot:{DEPTH_PLOT.removesuffix('.png')}": out_dir / DEPTH_PLOT},
+        out_dir,
+        project=str(w.get("project", "fairclip")),
+        name=w.get("name"),
+        group=w.get("group"),
+        tags=list(w.get("tags") or []),
+        offline=bool(w.get("offline", True)),
+        run_id=stable_id(str(out_dir.resolve())),
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from fairclip.data.shards import atomic_write_text
 
 REPORT_SCHEMA = "fairclip.bias_report/1"
 COMPARISON_SCHEMA = "fairclip.bias_comparison/1"
+DEBIAS_TABLE_SCHEMA = "fairclip.debias_compare/1"
 REPORT_FILE = "report.json"
 
 

@@ -77,6 +77,46 @@ def log_comparison(
     run.log(payload)
 
 
+def _method_rows(rows: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list[Any]]]:
+    cols = list(next(iter(rows.values())))
+    return ["method", *cols], [[name, *(r[c] for c in cols)] for name, r in rows.items()]
+
+
+def log_debias_table(
+    run: Any, result: Mapping[str, Any], files: Mapping[str, Path], prefix: str = "debias_compare"
+) -> None:
+    """The debiasing-methods table of ``python -m fairclip.debias.compare``: the table and the
+    by-depth table (means over seeds), one row per (seed, method) when there are seeds, the
+    depth plot, and every finite cell as a summary value ``<prefix>/<method>/<column>``."""
+    import math
+
+    import wandb
+
+    tables = {"table": _method_rows(result["rows"]), "depth": _method_rows(result["depth"])}
+    if result.get("per_seed"):
+        cols, _ = _method_rows(result["rows"])
+        tables["per_seed"] = (
+            ["seed", *cols],
+            [[s["seed"], *row] for s in result["per_seed"] for row in _method_rows(s["rows"])[1]],
+        )
+    payload: dict[str, Any] = {
+        f"{prefix}/{name}": wandb.Table(columns=cols, data=rows)
+        for name, (cols, rows) in tables.items()
+    }
+    for name, path in files.items():
+        if name.startswith("plot:"):
+            payload[f"{prefix}/plots/{name.removeprefix('plot:')}"] = wandb.Image(str(path))
+    run.log(payload)
+    run.summary.update(
+        {
+            f"{prefix}/{method}/{col}": v
+            for method, row in result["rows"].items()
+            for col, v in row.items()
+            if isinstance(v, float) and math.isfinite(v)
+        }
+    )
+
+
 def log_to_wandb(
     report: Mapping[str, Any],
     files: Mapping[str, Path],
@@ -103,12 +143,18 @@ def log_to_wandb(
         dir=str(out_dir),
         mode="offline" if offline else "online",
         resume="allow",
-        config={"model": report.get("model"), "settings": report.get("settings")},
+        config={
+            "model": report.get("model"),
+            "settings": report.get("settings", report.get("config")),
+        },
         reinit="finish_previous",
     )
     try:
-        if report.get("schema", "").startswith("fairclip.bias_comparison"):
+        schema = report.get("schema", "")
+        if schema.startswith("fairclip.bias_comparison"):
             log_comparison(run, report, files)
+        elif schema.startswith("fairclip.debias_compare"):
+            log_debias_table(run, report, files)
         else:
             log_report(run, report, files)
         run_dir = Path(run.dir).parent
