@@ -48,7 +48,7 @@ $(SPURIOUS_BALANCED)/train/sizes.json: | venv
 demo-spurious: venv $(SPURIOUS)/train/sizes.json $(SPURIOUS_BALANCED)/train/sizes.json
 	$(BIN)/fairclip-train experiment=demo data=synthetic_spurious paths.data_dir=$(dir $(DATA)) data.train_shards=$(SPURIOUS_BALANCED)/train trainer.max_epochs=10 hydra.run.dir=logs/demo_spurious_balanced
 	$(BIN)/fairclip-train experiment=demo_lit data=synthetic_spurious paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_spurious_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_spurious
-	$(BIN)/python -m fairclip.debias.compare model=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
+	$(BIN)/fairclip-debias model=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -441,3 +444,23 @@ def test_joint_rows_select_their_epoch_on_the_held_out_split(
         _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]", "splits.select=null")
     )
     assert none["selected_on"] == eval_dir
+
+
+def test_fairclip_debias_command(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
+    """The installed `fairclip-debias` entry point: `model=` names the model, the rest are
+    Hydra overrides, and the table lands in the Hydra run dir."""
+    out = tmp_path / "cli"
+    cmd = [
+        str(Path(sys.executable).parent / "fairclip-debias"), f"model={demo_run}",
+        f"data.val_shards={synthetic_dir}/eval", "table_k=10", "methods=[clip,orth_proj]",
+        "wandb.enabled=false", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text())
+    assert result["model"] == str(demo_run) and list(result["rows"]) == ["clip", "orth_proj"]
+    assert (
+        abs(result["rows"]["orth_proj"]["class_lean"]) < 0.1 * result["rows"]["clip"]["class_lean"]
+    )
+    assert "| orth_proj |" in proc.stdout

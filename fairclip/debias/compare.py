@@ -1,4 +1,4 @@
-"""`python -m fairclip.debias.compare model=<run dir>`: one table comparing debiasing methods.
+"""`fairclip-debias model=<run dir>`: one table comparing debiasing methods.
 
 Why one command: every row (plain CLIP, Orth-Proj, SEM_i, SEM_b, SEM_bi, ...) is a
 :class:`DebiasedCLIP` built from the same trained model and judged by the same

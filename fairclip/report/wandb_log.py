@@ -85,7 +85,7 @@ def _method_rows(rows: Mapping[str, Mapping[str, float]]) -> tuple[list[str], li
 def log_debias_table(
     run: Any, result: Mapping[str, Any], files: Mapping[str, Path], prefix: str = "debias_compare"
 ) -> None:
-    """The debiasing-methods table of ``python -m fairclip.debias.compare``: the table and the
+    """The debiasing-methods table of ``fairclip-debias``: the table and the
     by-depth table (means over seeds), one row per (seed, method) when there are seeds, the
     depth plot, and every finite cell as a summary value ``<prefix>/<method>/<column>``."""
     import math
