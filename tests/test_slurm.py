@@ -9,6 +9,7 @@ handling, the sweep-dir cache, atomic checkpoints and the requeue callback.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import re
@@ -79,6 +80,18 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def ckpt_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+# the jobs record each rank's sample keys and train a small SAE (every 2 steps, and at the end)
+AUDIT_AND_SAE = (
+    "callbacks=[audit,sae]", "callbacks.sae.every_n_steps=2", "callbacks.sae.n_latents=64",
+    "callbacks.sae.final_samples=256", "callbacks.sae.final_epochs=5",
+)  # fmt: skip
+
+
+def sae_update_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("sae/text/buffer_rows")]
 
 
 def csv_epochs(run_dir: Path) -> set[int]:
@@ -398,7 +411,7 @@ def ddp_jobs(
     jobs = {}
     for name in ("plain", "requeued"):
         out = tmp_path_factory.mktemp(name)
-        job, log = sbatch(slurm_env, out, tiny_job(synthetic_dir, out / "logs", "callbacks=audit"))
+        job, log = sbatch(slurm_env, out, tiny_job(synthetic_dir, out / "logs", *AUDIT_AND_SAE))
         jobs[name] = (job, log, out / "logs" / "demo" / "runs" / f"slurm-{job}")
 
     job, log, run = jobs["requeued"]
@@ -454,6 +467,11 @@ def test_requeued_job_resumes_to_the_same_step_and_leaves_no_corrupt_checkpoint(
     # the data: each rank's epochs match the uninterrupted job's; the cut epoch holds only
     # the batches after the cut (the epoch continued, not replayed)
     state = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    # the during-training SAE went on from the checkpoint, updating at the same steps
+    (sae_state,) = [v for k, v in state["callbacks"].items() if "SAECallback" in k]
+    assert sae_state["batches"] == interrupted_at and set(sae_state["saes"]) == {"text", "image"}
+    assert sae_update_steps(run) == sae_update_steps(plain_run) == list(range(2, FINAL_STEP + 1, 2))
+    assert json.loads((run / "sae" / "metrics.json").read_text())["text"]["n"] == 256
     cut_epoch, done = (
         state["ShardDataModule"]["train_epoch"],
         state["ShardDataModule"]["train_batches"],
