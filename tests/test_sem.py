@@ -303,6 +303,38 @@ def test_sae_corpus_adds_the_training_captions(
         _ = CompareContext(cfg, ctx.bundle, torch.device("cpu")).sae
 
 
+def test_sae_corpus_file_adds_its_lines(
+    demo_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """sae_train.corpus_file: one caption per line joins the SAE's corpus; a missing, empty or
+    non-UTF-8 file names the key (and the line)."""
+    lines = [f"a photo of a {w} in a {p}." for w in ("dog", "cat", "car") for p in ("park", "city")]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([lines[0], "", *lines, "  "]) + "\n")
+    cfg = _compare_cfg(
+        demo_run, synthetic_dir, tmp_path, f"sae_train.corpus_file={corpus}", "sae_train.epochs=2"
+    )
+    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    templates = set(ctx.prompt_list("sae_corpus")) | set(ctx.prompt_list("reference_prompts"))
+    assert ctx.sae.cfg.n_latents == 256
+    assert ctx.sae_info["corpus_prompts"] == len(templates) + len(lines)
+
+    for content, error, match in [
+        (None, FileNotFoundError, r"sae_train.corpus_file='.*nope.txt': no such file"),
+        ("\n \n", ValueError, r"sae_train.corpus_file: .*empty.txt holds no caption"),
+        (b"ok\n\xff\xfe\n", ValueError, r"sae_train.corpus_file: .*latin.txt:2 is not UTF-8"),
+    ]:
+        name = {None: "nope.txt", "\n \n": "empty.txt"}.get(content, "latin.txt")
+        path = tmp_path / name
+        if isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            path.write_bytes(content)
+        cfg.sae_train.corpus_file = str(path)
+        with pytest.raises(error, match=match):
+            _ = CompareContext(cfg, ctx.bundle, torch.device("cpu")).sae
+
+
 def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:
     saved = json.loads((table["out"] / "compare.json").read_text())
     assert saved["depth_ks"] == [10, 50, 100]  # table_k=10 and skew_ks [10, 50, 100]

@@ -124,6 +124,28 @@ def expand_prompts(spec: Any, key: str) -> list[str]:
     raise ValueError(f"{key}: expected a list of prompts or {{templates, words}}, got {spec!r}")
 
 
+def read_corpus_file(path: str | Path, key: str) -> list[str]:
+    """Captions of a UTF-8 text file, one per line (blank lines skipped): a general text corpus
+    for the SAE of a real CLIP, which needs far more text than prompt templates give."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{key}={str(path)!r}: no such file (expected UTF-8 text, one caption per line)"
+        )
+    lines = []
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{key}: {path}:{i} is not UTF-8 ({err.reason})") from err
+            if line:
+                lines.append(line)
+    if not lines:
+        raise ValueError(f"{key}: {path} holds no caption (expected one per line)")
+    return lines
+
+
 def _flatten(value: Any) -> list[str]:
     if isinstance(value, list | tuple):
         return [w for v in value for w in _flatten(v)]
@@ -244,7 +266,12 @@ class CompareContext(Mapping[str, Any]):
                     f"{self.cfg.data.train_shards!r} has no .txt captions"
                 )
             corpus += found
+        corpus_file = self.cfg.sae_train.get("corpus_file")
+        if corpus_file:
+            corpus += read_corpus_file(corpus_file, "sae_train.corpus_file")
         corpus = list(dict.fromkeys([*corpus, *self.prompt_list("reference_prompts")]))
+        if len(corpus) > 10_000:
+            log.info("encoding %d prompts for the SAE", len(corpus))
         text = self.encode(corpus)
         if choice == "auto" and self.run_dir is not None and (self.run_dir / SAE_FILE).is_file():
             choice = str(self.run_dir / SAE_FILE)
