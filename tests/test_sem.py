@@ -252,11 +252,22 @@ def test_compare_over_seeds_reports_the_mean_and_the_spread(
         monkeypatch.setitem(
             METHODS, name, lambda b, c, n=name, f=builder: built.append(n) or f(b, c)
         )
+    encoded: list[int] = []  # sizes of the SAE corpus encodings
+    make_sae = CompareContext._load_or_train_sae
+
+    def counting(ctx: CompareContext) -> MatryoshkaTopKSAE:
+        encode = ctx.encode
+        ctx.encode = lambda prompts: encoded.append(len(prompts)) or encode(prompts)
+        return make_sae(ctx)
+
+    monkeypatch.setattr(CompareContext, "_load_or_train_sae", counting)
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path, "methods=[clip,sem_b]", "seeds=[0,1]",
         "sae_train.epochs=60",
     )  # fmt: skip
     result = run(cfg)
+    # the SAE corpus (240 prompts; the other prompt sets hold <= 72) is encoded once for both
+    assert [n for n in encoded if n > 200] == [240]
     per_seed = result["per_seed"]
     assert [p["seed"] for p in per_seed] == [0, 1] and result["seeds"] == [0, 1]
     for name in ("clip", "sem_b"):

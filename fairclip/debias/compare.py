@@ -169,6 +169,9 @@ class CompareContext(Mapping[str, Any]):
     run_dir: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sae_info: dict[str, Any] = field(default_factory=dict)
+    # embeddings that do not depend on the seed (SAE corpus, image samples), shared by the
+    # contexts of one run so that a multi-seed table encodes them once
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
     _sae: MatryoshkaTopKSAE | None = None
     _lean_basis: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -272,7 +275,7 @@ class CompareContext(Mapping[str, Any]):
         corpus = list(dict.fromkeys([*corpus, *self.prompt_list("reference_prompts")]))
         if len(corpus) > 10_000:
             log.info("encoding %d prompts for the SAE", len(corpus))
-        text = self.encode(corpus)
+        text = self._cached("sae_corpus", lambda: self.encode(corpus))
         if choice == "auto" and self.run_dir is not None and (self.run_dir / SAE_FILE).is_file():
             choice = str(self.run_dir / SAE_FILE)
         if choice != "auto":
@@ -287,7 +290,8 @@ class CompareContext(Mapping[str, Any]):
             st = self.cfg.sae_train
             data = text
             if st.image_samples > 0:
-                data = torch.cat([text, self._image_embeddings(int(st.image_samples))])
+                n = int(st.image_samples)
+                data = torch.cat([text, self._cached("images", lambda: self._image_embeddings(n))])
             sae_cfg = SAEConfig(
                 d_in=text.shape[1],
                 n_latents=int(st.n_latents),
@@ -304,6 +308,11 @@ class CompareContext(Mapping[str, Any]):
             corpus_prompts=len(corpus),
         )
         return sae.eval()
+
+    def _cached(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
     @torch.no_grad()
     def _image_embeddings(self, n: int) -> torch.Tensor:
@@ -569,10 +578,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     seeds = _seeds(cfg)
     runs: list[SeedRun] = []
+    cache: dict[str, torch.Tensor] = {}
     for seed in seeds:
         torch.manual_seed(seed)
         ctx = CompareContext(
-            cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}
+            cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}, cache=cache
         )
         models_dir = out_dir / "models" / (f"seed{seed}" if len(seeds) > 1 else "")
         first = runs[0] if runs else None
