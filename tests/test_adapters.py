@@ -211,6 +211,35 @@ def test_compare_debiases_the_occupation_queries_on_fairface(
         compare(cfg(tmp_path / "y", "query_set=nope"))
 
 
+def test_debias_sets_must_name_the_datasets_groups() -> None:
+    """debias=social holds FairFace's seven race groups; on UTKFace (five) it stops with both
+    lists, and debias=utkface holds UTKFace's."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fairclip.debias.compare import CompareContext
+    from fairclip.runtime import CONF_DIR
+
+    def bias_prompts(debias: str) -> dict:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                config_name="debias_compare",
+                overrides=["model_path=unused", "data=utkface", "prompts=utkface",
+                           f"debias={debias}", "attribute=race"],
+            )  # fmt: skip
+        return CompareContext(cfg, None, torch.device("cpu")).bias_prompts()  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match=r"debias.bias_prompts.race: prompts for \['white', "
+                       r"'black', 'latino_hispanic'.*data.attributes.race=\['white', 'black', "
+                       r"'asian', 'indian', 'others'\]"):  # fmt: skip
+        bias_prompts("social")
+    race = bias_prompts("utkface")["race"]
+    assert list(race) == ["white", "black", "asian", "indian", "others"]
+    assert "a photo of a latino person." in race["others"] and len(race["white"]) == 6
+
+
 def test_fairface_bad_label_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("file,age,gender,race,service_test\nval/1.jpg,3-9,Male,White,True\n"

@@ -212,6 +212,15 @@ class CompareContext(Mapping[str, Any]):
                 f"debias_attributes={wanted}: debias.bias_prompts has no prompts for {missing} "
                 f"(it has {list(raw)})"
             )
+        data_attrs = self.cfg.data.attributes
+        for attr in wanted:
+            values, expected = list(raw[attr]), list(data_attrs.get(attr, []))
+            if attr in data_attrs and set(values) != set(expected):
+                raise ValueError(
+                    f"debias.bias_prompts.{attr}: prompts for {values}, but "
+                    f"data.attributes.{attr}={expected} (pick the debias set of this dataset, "
+                    "e.g. debias=utkface for UTKFace's race groups)"
+                )
         return {
             attr: {v: expand_prompts(p, f"debias.bias_prompts.{attr}.{v}") for v, p in vals.items()}
             for attr, vals in raw.items()
