@@ -659,13 +659,13 @@ def _log_to_wandb(cfg: DictConfig, result: Mapping[str, Any], out_dir: Path) -> 
     from fairclip.report.wandb_log import log_to_wandb
     from fairclip.runtime import stable_id
 
-    config = {
+    settings = {
         "methods": list(cfg.methods), "attribute": str(cfg.attribute),
         "query_set": str(cfg.query_set), "target": str(cfg.target), "k": int(cfg.table_k),
         "seeds": result.get("seeds", [int(cfg.seed)]),
     }  # fmt: skip
     log_to_wandb(
-        {**result, "config": config},
+        {**result, "settings": settings},
         {f"plot:{DEPTH_PLOT.removesuffix('.png')}": out_dir / DEPTH_PLOT},
         out_dir,
         project=str(w.get("project", "fairclip")),

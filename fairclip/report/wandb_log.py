@@ -13,6 +13,17 @@ from typing import Any
 from fairclip.report.io import flatten_metrics
 
 
+def _plot_images(files: Mapping[str, Path], prefix: str) -> dict[str, Any]:
+    """The ``plot:<name>`` entries of ``files`` as wandb images under ``<prefix>/plots/``."""
+    import wandb
+
+    return {
+        f"{prefix}/plots/{name.removeprefix('plot:')}": wandb.Image(str(path))
+        for name, path in files.items()
+        if name.startswith("plot:")
+    }
+
+
 def report_tables(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
     """``name -> (columns, rows)`` for the metrics, the per-group accuracy and per-query skew."""
     tables: dict[str, tuple[list[str], list[list[Any]]]] = {
@@ -48,9 +59,7 @@ def log_report(
         f"{prefix}/{name}": wandb.Table(columns=cols, data=rows)
         for name, (cols, rows) in report_tables(report).items()
     }
-    for name, path in files.items():
-        if name.startswith("plot:"):
-            payload[f"{prefix}/plots/{name.removeprefix('plot:')}"] = wandb.Image(str(path))
+    payload.update(_plot_images(files, prefix))
     if step is None:
         run.log(payload)
     else:
@@ -71,9 +80,7 @@ def log_comparison(
     payload: dict[str, Any] = {
         f"{prefix}/metrics": wandb.Table(columns=["metric", *labels, "delta"], data=rows)
     }
-    for name, path in files.items():
-        if name.startswith("plot:"):
-            payload[f"{prefix}/plots/{name.removeprefix('plot:')}"] = wandb.Image(str(path))
+    payload.update(_plot_images(files, prefix))
     run.log(payload)
 
 
@@ -94,18 +101,14 @@ def log_debias_table(
 
     tables = {"table": _method_rows(result["rows"]), "depth": _method_rows(result["depth"])}
     if result.get("per_seed"):
-        cols, _ = _method_rows(result["rows"])
-        tables["per_seed"] = (
-            ["seed", *cols],
-            [[s["seed"], *row] for s in result["per_seed"] for row in _method_rows(s["rows"])[1]],
-        )
+        cols = tables["table"][0]
+        rows = [[s["seed"], *r] for s in result["per_seed"] for r in _method_rows(s["rows"])[1]]
+        tables["per_seed"] = (["seed", *cols], rows)
     payload: dict[str, Any] = {
         f"{prefix}/{name}": wandb.Table(columns=cols, data=rows)
         for name, (cols, rows) in tables.items()
     }
-    for name, path in files.items():
-        if name.startswith("plot:"):
-            payload[f"{prefix}/plots/{name.removeprefix('plot:')}"] = wandb.Image(str(path))
+    payload.update(_plot_images(files, prefix))
     run.log(payload)
     run.summary.update(
         {
@@ -143,10 +146,7 @@ def log_to_wandb(
         dir=str(out_dir),
         mode="offline" if offline else "online",
         resume="allow",
-        config={
-            "model": report.get("model"),
-            "settings": report.get("settings", report.get("config")),
-        },
+        config={"model": report.get("model"), "settings": report.get("settings")},
         reinit="finish_previous",
     )
     try:
