@@ -249,6 +249,11 @@ def test_fairface_bad_label_names_the_line(tmp_path: Path, capsys: pytest.Captur
         run_cli(capsys, "fairface", f"labels={bad}", f"images={tmp_path}", f"out={tmp_path}/o")
     with pytest.raises(FileNotFoundError, match=r"labels='.*nope.csv': FairFace label CSV"):
         run_cli(capsys, "fairface", f"labels={tmp_path}/nope.csv", f"images={tmp_path}")
+    bad.write_text("file,age,gender,race,service_test\nval/1.jpg,3-9\n")  # a short row
+    with pytest.raises(ValueError, match=r"bad.csv:2: row has 2 fields, expected the 5 columns"):
+        run_cli(capsys, "fairface", f"labels={bad}", f"images={tmp_path}", f"out={tmp_path}/o")
+    with pytest.raises(ValueError, match=r"train_size=-5: expected a positive integer"):
+        run_cli(capsys, "synthetic", f"out={tmp_path}/s", "train_size=-5", "splits=[train]")
 
 
 # -- UTKFace: labels in the file names ------------------------------------------------------------

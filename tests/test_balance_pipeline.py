@@ -67,6 +67,13 @@ def test_rerun_reuses_and_settings_change_the_output(m4_output: Path, synthetic_
     stamp = (m4_output / "sizes.json").stat().st_mtime
     assert balance_shards(cfg, str(synthetic_dir / "train")) == m4_output
     assert (m4_output / "sizes.json").stat().st_mtime == stamp
+    # the same explicit balance.output with other settings: refused, not silently reused
+    other = balance_cfg(
+        "balance.eta=0.3", "+balance.targets.age=prior", f"balance.output={m4_output}"
+    )
+    with pytest.raises(FileExistsError, match=r"balance.output=.*other settings.*eta: 0.18 -> 0.3"):
+        balance_shards(other, str(synthetic_dir / "train"))
+    assert (m4_output / "sizes.json").stat().st_mtime == stamp
     a = balance_cfg("balance.eta=0.18")
     b = balance_cfg("balance.eta=0.2")
     from fairclip.balance.pipeline import resolve_output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -131,6 +132,13 @@ def test_write_shards_records_sizes_and_leaves_no_temp_files(tmp_path: Path) -> 
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert sizes == {"eval-000000.tar": 20, "eval-000001.tar": 20, "eval-000002.tar": 8}
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
+    # a smaller rewrite of the split leaves none of the earlier write's shards behind
+    fewer = itertools.islice(generate_samples("eval", 48, SyntheticConfig()), 25)
+    write_shards(fewer, tmp_path, "eval", 20, progress=False)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {"eval-000000.tar": 20, "eval-000001.tar": 5}
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == list(sizes)
+    assert sum(s.size for s in list_shards(tmp_path)) == 25
 
 
 def _identity_stream(folder: Path, train: bool, workers: int, batch: int = 16, **kw) -> ShardStream:
@@ -287,13 +295,31 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     samples = [_good(f"s{i:03d}") for i in range(40)]
     samples[3] = {**samples[3], "png": b"not a png"}
     samples[7] = {k: v for k, v in samples[7].items() if k != "txt"}
+    samples[9] = {**samples[9], "txt": b"a nurse \xff\xfe"}  # not UTF-8
     _tar(tmp_path / "d-000000.tar", samples)
     stream = ShardStream(
         list_shards(tmp_path), _decoder(), Collate(lambda t: torch.zeros(len(t), 4)), 8, train=False
     )
     batches = list(DataLoader(stream, batch_size=None))
-    assert sum(int(b["skipped"]) for b in batches) == 2
-    assert sum(len(b["key"]) for b in batches) == 38
+    assert sum(int(b["skipped"]) for b in batches) == 3
+    assert sum(len(b["key"]) for b in batches) == 37
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_truncated_shard_stops_the_run_with_its_name(tmp_path: Path, train: bool) -> None:
+    """A shard cut short after it was counted (an interrupted copy) is not skipped: skipping
+    it topped the epoch up with repeats and evaluated part of the split without a word."""
+    _tar(tmp_path / "d-000000.tar", [_good(f"a{i:03d}") for i in range(40)])
+    _tar(tmp_path / "d-000001.tar", [_good(f"b{i:03d}") for i in range(40)])
+    shards = list_shards(tmp_path)  # records 40 + 40 in sizes.json
+    data = (tmp_path / "d-000001.tar").read_bytes()
+    (tmp_path / "d-000001.tar").write_bytes(data[: len(data) // 2])
+    stream = ShardStream(
+        shards, _decoder(), Collate(lambda t: torch.zeros(len(t), 4)), 8, train=train,
+        config_key="data.val_shards",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.val_shards: shard '.*d-000001.tar' is unreadable"):
+        list(DataLoader(stream, batch_size=None))
 
 
 def test_missing_empty_and_malformed_inputs_have_clear_errors(tmp_path: Path) -> None:
@@ -305,6 +331,13 @@ def test_missing_empty_and_malformed_inputs_have_clear_errors(tmp_path: Path) ->
     with tarfile.open(tmp_path / "empty" / "e-000000.tar", "w"):
         pass
     with pytest.raises(ValueError, match=r"e-000000.tar.* is empty"):
+        list_shards(tmp_path / "empty", "data.val_shards")
+    (tmp_path / "empty" / "sizes.json").write_text('{"e-000000.tar": 3,')  # cut short
+    with pytest.raises(ValueError, match=r"data.val_shards: .*sizes.json is not a \{shard name"):
+        list_shards(tmp_path / "empty", "data.val_shards")
+    (tmp_path / "empty" / "sizes.json").unlink()
+    (tmp_path / "empty" / "e-000000.tar").write_bytes(b"\0" * 100 + b"not a tar")
+    with pytest.raises(ValueError, match=r"data.val_shards: shard .* is not a readable tar"):
         list_shards(tmp_path / "empty", "data.val_shards")
 
     decoder = _decoder()

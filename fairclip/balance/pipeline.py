@@ -102,6 +102,7 @@ def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
         raise ValueError(f"balance.method={cfg.method!r}: expected one of {METHODS}")
     out = resolve_output(cfg, input_spec)
     if (out / "sizes.json").exists():
+        _check_same_settings(out, cfg)
         log.info("reusing balanced shards in %s", out)
         return out
     failed = out.with_name(out.name + ".failed")
@@ -112,10 +113,30 @@ def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
     try:
         _balance(cfg, input_spec, out)
     except BaseException as err:  # the waiting ranks read this instead of hanging
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(f"{type(err).__name__}: {err}\n")
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(err).__name__}: {err}\n")
+        except OSError:  # e.g. an unwritable balance.output: the original error says why
+            log.exception("balance: could not write the failure marker %s", failed)
         raise
     return out
+
+
+def _check_same_settings(out: Path, cfg: DictConfig) -> None:
+    """Reuse balanced shards only if they were made with these settings (an explicit
+    ``balance.output`` is not keyed by them, unlike the default output name)."""
+    report = out.with_name(out.name + "_report") / "balance_report.json"
+    if not report.is_file():
+        return
+    old = json.loads(report.read_text()).get("settings", {})
+    new = OmegaConf.to_container(cfg, resolve=True)
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]  # fmt: skip
+    if changed:
+        raise FileExistsError(
+            f"balance.output={out}: holds shards balanced with other settings "
+            f"({'; '.join(changed)}); choose a new balance.output, or delete it to rebuild"
+        )
 
 
 def _wait_for_rank0(out: Path, failed: Path, poll_s: float = 2.0) -> Path:

@@ -36,6 +36,8 @@ def write_synthetic(cfg: DictConfig) -> dict[str, int]:
             raise ValueError(
                 f"splits: unknown split {split!r}, expected a subset of {sorted(sizes)}"
             )
+        if not isinstance(sizes[split], int) or sizes[split] <= 0:
+            raise ValueError(f"{split}_size={sizes[split]!r}: expected a positive integer")
         shard_size = cfg.shard_size if split == "train" else cfg.eval_shard_size
         shards = write_shards(
             generate_samples(split, int(sizes[split]), synth),

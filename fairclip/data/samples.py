@@ -51,7 +51,10 @@ class SampleDecoder:
             image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
         except Exception as err:  # PIL raises many types for bad bytes
             raise CorruptSample(f"undecodable {ext}: {err}") from err
-        caption = sample.get("txt", b"").decode("utf-8").strip()
+        try:
+            caption = sample.get("txt", b"").decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise CorruptSample(f"caption (txt) is not UTF-8: {err}") from err
         if self.require_caption and not caption:
             raise CorruptSample("missing caption (txt)")
         labels = self._labels(sample.get("json"), where)

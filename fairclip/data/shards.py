@@ -10,6 +10,7 @@ truncated shard or report behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterable
@@ -19,6 +20,8 @@ from pathlib import Path
 import webdataset as wds
 from braceexpand import braceexpand
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SIZES_FILE = "sizes.json"
@@ -52,7 +55,9 @@ def write_shards(
     """Write samples to ``out_dir/{prefix}-{i:06d}.tar`` and record counts in ``sizes.json``.
 
     Each shard is written as ``.tar.tmp`` and renamed when complete; ``sizes.json`` is merged
-    with any existing entries (other splits may share the folder) and written last.
+    with any existing entries (other splits may share the folder) and written last. Shards of
+    the same prefix left by an earlier, larger write are removed with their entries: kept,
+    they would mix two datasets in one split.
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size={shard_size}: expected a positive number of samples")
@@ -88,9 +93,32 @@ def write_shards(
     close()
     sizes_path = out / SIZES_FILE
     sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
+    written = {Path(s.url).name for s in shards}
+    stale = sorted(p for p in out.glob(f"{prefix}-[0-9]*.tar") if p.name not in written)
+    for path in stale:
+        sizes.pop(path.name, None)
+        path.unlink()
+    if stale:
+        log.warning("%s: removed %d %s shard(s) of an earlier write", out, len(stale), prefix)
     sizes.update({Path(s.url).name: s.size for s in shards})
     atomic_write_text(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
     return shards
+
+
+def _read_sizes(path: Path, config_key: str) -> dict:
+    """``sizes.json`` ({shard name: samples}), or {} when there is none (then tars are counted)."""
+    if not path.exists():
+        return {}
+    try:
+        sizes = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        sizes = None
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
+        raise ValueError(
+            f"{config_key}: {path} is not a {{shard name: sample count}} JSON object; "
+            "fix it, or delete it to have the shards counted"
+        )
+    return sizes
 
 
 def count_tar_samples(url: str) -> int:
@@ -152,13 +180,17 @@ def list_shards(spec: str | Path | list, config_key: str = "data.shards") -> lis
     for url in urls:
         sizes_path = Path(url).parent / SIZES_FILE
         if sizes_path not in sizes_cache:
-            sizes_cache[sizes_path] = (
-                json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
-            )
+            sizes_cache[sizes_path] = _read_sizes(sizes_path, config_key)
         name = Path(url).name
         size = sizes_cache[sizes_path].get(name)
         if size is None:
-            size = count_tar_samples(url)
+            try:
+                size = count_tar_samples(url)
+            except tarfile.TarError as err:
+                raise ValueError(
+                    f"{config_key}: shard {url!r} is not a readable tar ({err}): truncated or "
+                    "corrupt; regenerate it or remove it"
+                ) from err
         if int(size) <= 0:
             raise ValueError(
                 f"{config_key}: shard {url!r} is empty (0 samples); remove it or regenerate it"

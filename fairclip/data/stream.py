@@ -34,6 +34,7 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import signal
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -277,9 +278,20 @@ class ShardStream(IterableDataset):
         out["skipped"] = torch.tensor(skipped)
         return out
 
-    def _tar_error(self, exn: Exception) -> bool:
-        log.warning("skipping unreadable data in %s: %r", self.config_key, exn)
-        return True
+    def _tar_error(self, exn: Exception) -> NoReturn:
+        """A tar that cannot be read (truncated, empty, not a tar) stops the run.
+
+        Skipping it, as this did before, left a worker short of its quota, so the epoch was
+        topped up with repeats and an evaluation silently reported on part of its split.
+        Corrupt *samples* inside a readable tar are skipped and counted elsewhere.
+        """
+        text = " ".join(map(str, exn.args))
+        shard = next((s.url for s in self.shards if s.url in text), "?")
+        raise ValueError(
+            f"{self.config_key}: shard {shard!r} is unreadable ({type(exn).__name__}: "
+            f"{exn.args[0] if exn.args else exn}): truncated or not a tar. Regenerate it, or "
+            "remove it and its entry in sizes.json."
+        ) from exn
 
 
 # Signals a Slurm step sends to *every* process of the job (``scancel --signal=USR1``,

@@ -51,6 +51,11 @@ def read_fairface(
         if service_test_only and "service_test" not in header:
             raise ValueError(f"{path}: service_test_only=true needs a service_test column")
         for line, row in enumerate(reader, start=2):
+            if None in row.values():  # csv leaves the missing fields of a short row as None
+                raise ValueError(
+                    f"{path}:{line}: row has {sum(v is not None for v in row.values())} fields, "
+                    f"expected the {len(header)} columns {header}"
+                )
             if service_test_only and row["service_test"].strip().lower() != "true":
                 continue
             where = f"{path}:{line}"
