@@ -581,9 +581,15 @@ def _compute_report(
                         "must occur, or set require_all_groups=false to report NaN for them"
                     )
 
+    if metrics.zero_shot is not None and split_info.get("eval", {}).get("labelled", 1) == 0:
+        raise ValueError(
+            f"splits.eval={split_info['eval']['shards']!r}: no image has a concept label under "
+            f"{spec.label_key!r} (label_key), so zero-shot accuracy would be left out; set "
+            "label_key to the labels' field, or data.concepts=[] for a split without concepts"
+        )
     out: dict[str, dict[str, Any]] = {}
     cells: dict[str, dict[str, dict[str, float]]] = {}
-    if metrics.zero_shot is not None and split_info.get("eval", {}).get("labelled", 0) > 0:
+    if metrics.zero_shot is not None and "eval" in split_info:  # labelled > 0, checked above
         out["zeroshot"] = {k: _f(v) for k, v in metrics.zero_shot.compute().items()}
         for attr, acc in metrics.zero_shot.cell_accuracy().items():
             cells[attr] = {
@@ -651,7 +657,26 @@ def _compute_report(
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: expected auto, cpu, cuda or cuda:<index>") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA GPU is available here; use device=auto")
+    return resolved
+
+
+def warn_if_ks_cover_split(ks: Sequence[int], eval_shards: Any) -> None:
+    """Warn about a skew depth k at or beyond the eval split's size: MaxSkew@k/NDKL@k then
+    cover the whole (balanced) split and say nothing about the ranking."""
+    n_images = sum(s.size for s in list_shards(eval_shards, "splits.eval"))
+    for k in sorted(set(ks)):
+        if k >= n_images:
+            log.warning(
+                "skew k=%d: the eval split (%s) has only %d images, so MaxSkew@%d/NDKL@%d "
+                "cover all of it and say nothing about the ranking", k, eval_shards, n_images,
+                k, k,
+            )  # fmt: skip
 
 
 def spec_from_cfg(cfg: DictConfig) -> EvalSpec:
@@ -688,12 +713,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else None
     )
     if cfg.get("compare"):
+        if isinstance(cfg.compare, str):
+            raise ValueError(f"compare={cfg.compare!r}: expected a list, e.g. compare=[runA,runB]")
         labels = list(cfg.compare_labels) if cfg.get("compare_labels") else None
         return compare_reports(
             list(cfg.compare), out_dir, labels=labels, plots=cfg.plots, wandb=wandb_kwargs
         )
     spec = spec_from_cfg(cfg)  # config errors before the (slow) model load
     splits = resolve_splits(cfg.splits.eval, cfg.splits.neutral)
+    warn_if_ks_cover_split(spec.skew_ks, splits["eval"])
     device = resolve_device(cfg.device)
     bundle = load_model(
         cfg.model.name,

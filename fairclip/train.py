@@ -105,6 +105,46 @@ def _log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
         logger.log_hyperparams(container)
 
 
+def _summary(metrics: dict[str, float], run_dir: Path) -> str:
+    """The last validation's headline metrics, so a run's console ends with its result.
+
+    Per-value accuracies (``val/acc/gender=female``) are left to the logs: the worst-group
+    and gap columns already summarise them.
+    """
+    rows = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/") and "=" not in k}
+    if not rows:
+        return f"no validation metrics (see {run_dir})"
+    width = max(map(len, rows))
+    lines = [f"  {k:<{width}}  {v:.4f}" for k, v in rows.items()]
+    return "\n".join([f"final validation metrics (all steps: {run_dir}/csv, wandb):", *lines])
+
+
+def _check_resume_point(ckpt_path: str | None, trainer: L.Trainer) -> None:
+    """Refuse a resume point that is not there (Lightning would warn and start from scratch,
+    e.g. after a typo in ``hydra.run.dir``), and a fresh run in a run dir that holds one
+    (it would restart metrics.csv and mix two runs' checkpoints)."""
+    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    last = [p for d in dirs for p in d.glob("last*.ckpt") if p.is_file()]
+    if ckpt_path is None:
+        if last:
+            raise FileExistsError(
+                f"hydra.run.dir={trainer.default_root_dir}: already holds a run ({last[0]}). "
+                "Resume it with ckpt_path=last, or choose a new hydra.run.dir."
+            )
+    elif ckpt_path == "last":
+        if not last:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no last.ckpt in {[str(d) for d in dirs]}. Point "
+                "hydra.run.dir at the run to resume, or drop ckpt_path to start a new run."
+            )
+    elif (
+        ckpt_path not in ("best", "hpc", "registry")
+        and "://" not in ckpt_path  # remote (fsspec) paths are left to Lightning
+        and not Path(ckpt_path).is_file()
+    ):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: checkpoint file not found")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (optionally resuming), export the weights, and return the final metrics."""
     rewrite_argv_for_ddp_children()
@@ -114,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is None and SLURMEnvironment.detect():
         # a requeued job: same job id, same run dir, resume where the last attempt stopped
         ckpt_path = resume_checkpoint(trainer)
+    _check_resume_point(None if ckpt_path is None else str(ckpt_path), trainer)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
         continue_csv_logs(trainer)  # before any logger starts its writer
@@ -122,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        log.info(_summary(metrics, Path(cfg.paths.output_dir)))
     if cfg.get("export") and trainer.is_global_zero:
         out = export_open_clip(
             module.model, module.model_name, Path(cfg.paths.output_dir) / "export"

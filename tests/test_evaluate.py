@@ -351,6 +351,10 @@ def test_bad_inputs_give_clear_errors(synthetic_dir: Path, tmp_path: Path) -> No
     fails(FileNotFoundError, r"model.name='.*': directory holds no open_clip_config.json",
           f"model.name={tmp_path}")  # fmt: skip
     fails(FileNotFoundError, r"splits\.eval.*not found", f"splits.eval={tmp_path}/none/x.tar")
+    # a misspelled label field: an error, not a report without zero-shot accuracy
+    fails(ValueError, r"no image has a concept label under 'occupation'", "label_key=occupation")
+    fails(ValueError, r"device='gpu': expected auto, cpu, cuda", "device=gpu")
+    fails(ValueError, r"compare='runA': expected a list", "+compare=runA")
     # a value listed in data.attributes with no image in the split
     empty = ["data.attributes.gender=[female,male,nonbinary]",
              "+prompts.group_prompts.gender.nonbinary=[a photo of a person.]"]  # fmt: skip

@@ -87,14 +87,16 @@ def test_audit_top_heads_beat_random_control(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "audit"
-    result = main(
+    exit_value = main(
         [str(demo_run), "--train-shards", str(synthetic_dir / "train"),
          "--eval-shards", str(synthetic_dir / "eval"), "--out", str(out),
          "--max-samples", "600", "--random-seeds", "0", "1"]
     )  # fmt: skip
     for name in ("head_scores.png", "ablation.md", "ablation.json"):
         assert (out / name).stat().st_size > 0
-    rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert exit_value is None  # what the console script exits with: 0
+    result = json.loads((out / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
     print((out / "ablation.md").read_text())
     key = "cramers_v_eval/gender"
     original = rows["original"][key]
@@ -134,3 +136,16 @@ def test_head_ablation_saves_and_loads(demo_run: Path, synthetic_dir: Path, tmp_
     with torch.no_grad():
         after = loaded.encode_image(images, normalize=True)
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_audit_flags_are_checked_before_any_work(
+    synthetic_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shards = ["--train-shards", str(synthetic_dir / "train"), "--eval-shards", "/nope"]
+    with pytest.raises(FileNotFoundError, match=r"^--eval-shards: 1 shard\(s\) not found"):
+        main(["unused-model", *shards])
+    for bad, said in ((["--num-heads", "0"], "argument --num-heads: '0': expected a positive"),
+                      (["--data", "synthetc"], "argument --data: invalid choice: 'synthetc'")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["unused-model", *shards, *bad])
+        assert said in capsys.readouterr().err

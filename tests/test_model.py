@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-from fairclip.model.factory import EXPORT_WEIGHTS, create_model, export_open_clip
+from fairclip.model.factory import (
+    EXPORT_WEIGHTS,
+    ModelKeys,
+    create_model,
+    export_open_clip,
+    load_model,
+)
 from fairclip.model.module import FairCLIPModule, split_weight_decay, warmup_cosine
 
 ATTRS = {"gender": ["female", "male"]}
 
 
-def test_unknown_model_name_is_a_clear_error() -> None:
+def test_unknown_model_name_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"model.name='ViT-B-3' is not an open_clip model.*ViT-B-32"
     ):
         create_model("ViT-B-3")
     with pytest.raises(FileNotFoundError, match=r"model.pretrained=.*weights file not found"):
         create_model("fairclip-tiny", pretrained="/nonexistent/weights.safetensors")
+    # errors name the key of the entry point in use (training nests the model under model.model)
+    with pytest.raises(FileNotFoundError, match=r"^model.model.pretrained=.*weights file"):
+        create_model("fairclip-tiny", pretrained="/x.pt", keys=ModelKeys.under("model.model"))
+    wrong = tmp_path / "vit.safetensors"  # weights of another architecture
+    export_open_clip(create_model("ViT-S-32").model, "ViT-S-32", tmp_path / "vit")
+    shutil.copy(tmp_path / "vit" / EXPORT_WEIGHTS, wrong)
+    with pytest.raises(ValueError, match=r"^model.pretrained='.*vit.safetensors': these weights"):
+        create_model("fairclip-tiny", pretrained=str(wrong))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"^model.name='.*garbage.safetensors': not a safetensors"):
+        load_model(str(garbage))
+    with pytest.raises(ValueError, match=r"^model.model.precision='fp17': expected one of"):
+        create_model("fairclip-tiny", precision="fp17", keys=ModelKeys.under("model.model"))
     with pytest.raises(ValueError, match=r"model.loss='hinge'"):
         FairCLIPModule({"name": "fairclip-tiny"}, ["a"], ATTRS, loss="hinge")
+    with pytest.raises(ValueError, match=r"model.lr=-0.001: expected a positive"):
+        FairCLIPModule({"name": "fairclip-tiny"}, ["a"], ATTRS, lr=-0.001)
 
 
 def test_export_reloads_in_open_clip_with_identical_embeddings(tmp_path: Path) -> None:
@@ -50,6 +73,14 @@ def test_export_reloads_in_open_clip_with_identical_embeddings(tmp_path: Path) -
     again = create_model("fairclip-tiny", pretrained=str(out / EXPORT_WEIGHTS)).model.eval()
     with torch.no_grad():
         torch.testing.assert_close(again.encode_image(images), ref[0], atol=1e-5, rtol=0)
+    # an export of an export records the architecture, not the source folder, so its weights
+    # file still loads by name once the source is gone (fairclip-export <export dir> OUT)
+    src = load_model(str(out))
+    copy = export_open_clip(src.model, src.name, tmp_path / "copy")
+    shutil.rmtree(out)
+    reloaded = load_model(str(copy / EXPORT_WEIGHTS)).model
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(images), ref[0], atol=1e-5, rtol=0)
 
 
 def test_siglip_model_uses_sigmoid_loss_and_learns_one_step() -> None:

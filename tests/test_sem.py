@@ -430,6 +430,10 @@ def test_method_registry_and_errors(
     try:
         with pytest.raises(ValueError, match="methods: unknown"):
             run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[nope]"))
+        with pytest.raises(FileNotFoundError, match=r"^pretrained='/nope.pt': weights file"):
+            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model_path=fairclip-tiny", "pretrained=/nope.pt"))  # fmt: skip
+        with pytest.raises(ValueError, match=r"^model='ViT-B-3' .*ViT-B-32.*export dir>'\.$"):
+            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model_path=ViT-B-3"))
         with pytest.raises(ValueError, match="attribute="):
             run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "attribute=race"))
         with pytest.raises(ValueError, match="recall_k=0: expected a positive integer"):
@@ -440,7 +444,7 @@ def test_method_registry_and_errors(
             run(bad_k)
         with pytest.raises(ValueError, match=r"skew_ks: expected positive integers, got 0"):
             run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "skew_ks=[10,0]"))
-        with caplog.at_level(logging.WARNING, logger="fairclip.debias.compare"):
+        with caplog.at_level(logging.WARNING, logger="fairclip.evaluate"):
             result = run(
                 _compare_cfg(
                     demo_run,

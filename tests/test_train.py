@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -83,6 +85,11 @@ def test_resume_continues_step_count_and_lr_schedule(synthetic_dir: Path, tmp_pa
     assert trainer.global_step == 4
     cut_lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert cut_lr > ref_lr  # cosine still high mid-way
+    # a fresh run into that run dir (ckpt_path forgotten) is refused before it touches it
+    before = sorted(p.name for p in (tmp_path / "cut").rglob("*"))
+    with pytest.raises(FileExistsError, match=r"hydra.run.dir=.*cut: already holds a run"):
+        train(cut_cfg)
+    assert sorted(p.name for p in (tmp_path / "cut").rglob("*")) == before
 
     # ... and resumed from its last checkpoint
     resume_cfg = compose_train(
@@ -142,6 +149,17 @@ def test_config_errors_name_the_key(synthetic_dir: Path, tmp_path: Path) -> None
     module, dm, _ = build(cfg)
     with pytest.raises(FileNotFoundError, match=r"data.train_shards.*nope"):
         dm.setup("fit")
+    # a resume point that is not there stops the run (Lightning would start from scratch)
+    for resume, match in (
+        ("last", r"ckpt_path=last: no last.ckpt in .*fresh"),
+        (f"{tmp_path}/x.ckpt", r"ckpt_path='.*x.ckpt': checkpoint file not"),
+    ):
+        cfg = compose_train(
+            small_run_overrides(synthetic_dir, f"ckpt_path={resume}"), tmp_path / "fresh"
+        )
+        with pytest.raises(FileNotFoundError, match=match):
+            train(cfg)
+    assert not list((tmp_path / "fresh").glob("**/*.ckpt"))
 
 
 def test_demo_lit_fine_tunes_only_the_text_tower_of_a_pretrained_model(
@@ -185,3 +203,37 @@ def test_resume_point_from_another_data_layout_restarts_the_epoch_with_a_warning
         dm.train_dataloader()
     assert dm.train_stream.resume_point is None
     assert "batch_size changed" in caplog.text and "restarts from its first batch" in caplog.text
+
+
+def test_bf16_mixed_trains_with_fp32_weights_and_sae(
+    synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`trainer=gpu`'s precision, bf16-mixed, on CPU autocast: the loss falls, the weights and
+    the export stay fp32, and the SAE callback (fed the step's bf16 embeddings) still learns."""
+    from safetensors.torch import load_file
+
+    overrides = small_run_overrides(
+        synthetic_dir, "trainer.precision=bf16-mixed", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "callbacks=sae",
+        "callbacks.sae.every_n_steps=5",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fairclip.train"):
+        metrics = train(compose_train(overrides, tmp_path))
+    # the console ends with the final validation metrics, per-value accuracies left out
+    summary = next(r.message for r in caplog.records if r.message.startswith("final validation"))
+    assert re.search(rf"\n  val/acc +{metrics['val/acc']:.4f}\n", summary), summary
+    assert "val/worst_group_acc/gender" in summary and "gender=female" not in summary
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.2, losses
+    sae_fvu = [float(r["sae/text/fvu"]) for r in rows if r.get("sae/text/fvu")]
+    assert sae_fvu and all(torch.isfinite(torch.tensor(sae_fvu))), sae_fvu
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {
+        torch.float32
+    }
+    exported = load_file(tmp_path / "export" / "open_clip_model.safetensors")
+    assert {v.dtype for v in exported.values()} == {torch.float32}
+    final = json.loads((tmp_path / "sae" / "metrics.json").read_text())
+    assert final["text"]["fvu"] < 0.05 and final["image"]["fvu"] < 0.05, final

@@ -50,9 +50,10 @@ from fairclip.evaluate import (
     resolve_device,
     sibling_split,
     spec_from_cfg,
+    warn_if_ks_cover_split,
 )
 from fairclip.evaluate import resolve_splits as _resolve_splits
-from fairclip.model.factory import ModelBundle, load_model
+from fairclip.model.factory import ModelBundle, ModelKeys, load_model
 from fairclip.report.io import DEBIAS_TABLE_SCHEMA, to_json
 from fairclip.runtime import CONF_DIR
 
@@ -556,7 +557,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pretrained = cfg.get("pretrained")
     bundle = load_model(
         str(cfg.model_path), pretrained=None if pretrained is None else str(pretrained),
-        device=device,
+        device=device, keys=ModelKeys(name="model", pretrained="pretrained", config_file=None),
     )  # fmt: skip
     path = Path(str(cfg.model_path))
     run_dir = path if path.is_dir() else None
@@ -802,14 +803,7 @@ def _depth_ks(cfg: DictConfig, eval_shards: Any) -> list[int]:
     """``table_k`` and ``skew_ks`` (validated by the eval spec), sorted; a k beyond the eval
     split's size is warned about (the whole balanced split has no skew: that column is moot)."""
     ks = [int(cfg.table_k), *(int(k) for k in cfg.skew_ks)]
-    n_images = sum(s.size for s in list_shards(eval_shards, "splits.eval"))
-    for k in sorted(set(ks)):
-        if k >= n_images:
-            log.warning(
-                "skew k=%d: the eval split (%s) has only %d images, so MaxSkew@%d/NDKL@%d "
-                "cover all of it and say nothing about the ranking", k, eval_shards, n_images,
-                k, k,
-            )  # fmt: skip
+    warn_if_ks_cover_split(ks, eval_shards)
     return sorted(set(ks))
 
 

@@ -18,7 +18,6 @@ are compared with a layer-matched random-head control. ``fairclip-heads`` runs i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairclip.data.shards import atomic_write_text
 from fairclip.debias.pipeline import VISION_PATCHES, DebiasedCLIP, VisionPatch
+from fairclip.report.io import save_json
 
 # -- the decomposition -------------------------------------------------------------------------
 
@@ -636,8 +637,8 @@ def audit(
         "scores": {name: s.tolist() for name, s in scores.items()},
         "rows": rows,
     }
-    (out / "ablation.json").write_text(json.dumps(result, indent=2))
-    (out / "ablation.md").write_text(ablation_markdown(rows))
+    save_json(result, out / "ablation.json")
+    atomic_write_text(out / "ablation.md", ablation_markdown(rows))
     if plots:
         plot_scores(scores, out / "head_scores.png", chosen)
     return result
@@ -685,13 +686,28 @@ def plot_scores(
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``fairclip-heads``: audit the attention heads of a model on labelled shards."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """``fairclip-heads``: audit the attention heads of a model on labelled shards.
+
+    Returns None: the console script exits with ``main()``'s value, so a result returned here
+    made every successful audit exit 1 with the result dumped to stderr. The result is in
+    ``<out>/ablation.json``."""
     from omegaconf import OmegaConf
 
+    from fairclip.data.shards import list_shards
     from fairclip.evaluate import EvalSpec, resolve_splits
-    from fairclip.model.factory import load_model
+    from fairclip.model.factory import ModelKeys, load_model
     from fairclip.runtime import CONF_DIR
+
+    conf = Path(CONF_DIR)
+
+    def positive_int(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+        return int(text)
+
+    def options(group: str) -> list[str]:
+        return sorted(p.stem for p in (conf / group).glob("*.yaml"))
 
     parser = argparse.ArgumentParser(prog="fairclip-heads", description=main.__doc__)
     parser.add_argument("model", help="model spec (run dir, export dir, open_clip name, .ckpt)")
@@ -699,17 +715,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-shards", required=True, help="labelled shards to score heads on")
     parser.add_argument("--eval-shards", required=True)
     parser.add_argument("--neutral-shards", default="auto")
-    parser.add_argument("--data", default="synthetic", help="conf/data/<name>.yaml vocabularies")
-    parser.add_argument("--prompts", default="synthetic", help="conf/prompts/<name>.yaml")
+    parser.add_argument("--data", default="synthetic", choices=options("data"),
+                        help="conf/data/<name>.yaml vocabularies")  # fmt: skip
+    parser.add_argument("--prompts", default="synthetic", choices=options("prompts"),
+                        help="conf/prompts/<name>.yaml")  # fmt: skip
     parser.add_argument("--attribute", default="gender")
-    parser.add_argument("--num-heads", type=int, default=1)
+    parser.add_argument("--num-heads", type=positive_int, default=1)
     parser.add_argument("--score", default="projection", choices=("projection", "probe"))
     parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--max-samples", type=int, default=1000)
+    parser.add_argument("--max-samples", type=positive_int, default=1000)
     parser.add_argument("--out", default="heads_audit")
     args = parser.parse_args(argv)
+    list_shards(args.train_shards, "--train-shards")  # a missing split fails now, by its flag
+    list_shards(args.eval_shards, "--eval-shards")
 
-    conf = Path(CONF_DIR)
     cfg = OmegaConf.create(
         {
             "data": OmegaConf.load(conf / "data" / f"{args.data}.yaml"),
@@ -720,7 +739,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec = EvalSpec.from_config(
         OmegaConf.to_container(cfg.prompts, resolve=True), data["attributes"], data["concepts"]
     )
-    bundle = load_model(args.model, pretrained=args.pretrained)
+    bundle = load_model(
+        args.model,
+        pretrained=args.pretrained,
+        keys=ModelKeys("MODEL", "--pretrained", config_file=None),
+    )
     result = audit(
         bundle,
         spec,
@@ -734,7 +757,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_samples=args.max_samples,
     )
     print(ablation_markdown(result["rows"]))
-    return result
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from fairclip.model.factory import export_open_clip, load_model
+from fairclip.model.factory import ModelKeys, export_open_clip, load_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
     args = parser.parse_args(argv)
-    bundle = load_model(args.source, pretrained=args.pretrained)
+    bundle = load_model(
+        args.source,
+        pretrained=args.pretrained,
+        keys=ModelKeys("SOURCE", "--pretrained", config_file=None),
+    )
     out = export_open_clip(bundle.model, bundle.name, args.out)
     print(f"exported {bundle.name} to {out} (load with open_clip 'local-dir:{out}')")
 

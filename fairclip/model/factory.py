@@ -26,6 +26,29 @@ if CONFIG_DIR not in open_clip.factory._MODEL_CONFIG_PATHS:
     open_clip.add_model_config(CONFIG_DIR)
 
 
+@dataclass(frozen=True)
+class ModelKeys:
+    """The config keys (or CLI arguments) a caller names the model by, for error messages.
+
+    The factory serves several entry points that spell these differently (``model.name`` in
+    fairclip-eval, ``model.model.name`` in training, ``model=`` in fairclip-debias), and an
+    error is only useful if it names the key the user actually typed.
+    """
+
+    name: str = "model.name"
+    pretrained: str = "model.pretrained"
+    config_file: str | None = "model.config_file"  # None: the entry point takes no config file
+    precision: str = "model.precision"
+
+    @classmethod
+    def under(cls, prefix: str) -> ModelKeys:
+        return cls(*(f"{prefix}.{k}" for k in ("name", "pretrained", "config_file", "precision")))
+
+
+# what open_clip.create_model accepts; it silently treats anything else as fp32
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
+
+
 @dataclass
 class ModelBundle:
     """A model with the transforms and tokenizer that belong to it."""
@@ -37,18 +60,18 @@ class ModelBundle:
     name: str
 
 
-def _check_name(name: str, config_file: str | None) -> str:
+def _check_name(name: str, config_file: str | None, keys: ModelKeys) -> str:
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise FileNotFoundError(f"model.config_file={config_file!r}: file not found")
+            raise FileNotFoundError(f"{keys.config_file}={config_file!r}: file not found")
         open_clip.add_model_config(path)
         return path.stem
     if name.startswith("local-dir:"):
         folder = Path(name.removeprefix("local-dir:"))
         if not (folder / EXPORT_CONFIG).is_file():
             raise FileNotFoundError(
-                f"model.name={name!r}: expected {folder / EXPORT_CONFIG} (a fairclip export)"
+                f"{keys.name}={name!r}: expected {folder / EXPORT_CONFIG} (a fairclip export)"
             )
         return name
     if name.startswith("hf-hub:") or name in open_clip.list_models():
@@ -56,8 +79,9 @@ def _check_name(name: str, config_file: str | None) -> str:
     close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
     hint = f" Did you mean one of {close}?" if close else ""
     raise ValueError(
-        f"model.name={name!r} is not an open_clip model config.{hint} Expected a name from "
-        "open_clip.list_models(), 'local-dir:<export dir>', or set model.config_file=<config.json>."
+        f"{keys.name}={name!r} is not an open_clip model config.{hint} Expected a name from "
+        "open_clip.list_models() or 'local-dir:<export dir>'"
+        + (f", or set {keys.config_file}=<config.json>." if keys.config_file else ".")
     )
 
 
@@ -67,6 +91,7 @@ def create_model(
     config_file: str | None = None,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
+    keys: ModelKeys = ModelKeys(),
     **model_kwargs: Any,
 ) -> ModelBundle:
     """Create an open_clip model, its train/val transforms and its tokenizer.
@@ -74,16 +99,26 @@ def create_model(
     ``pretrained`` is an open_clip tag (needs network once, then cached) or a local weights
     file (``.safetensors``/``.pt``, e.g. a fairclip export).
     """
-    name = _check_name(name, config_file)
+    name = _check_name(name, config_file, keys)
+    if precision not in PRECISIONS:
+        raise ValueError(f"{keys.precision}={precision!r}: expected one of {list(PRECISIONS)}")
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
         looks_like_file = os.sep in pretrained or pretrained.endswith(
             (".safetensors", ".pt", ".pth", ".bin")
         )
         if looks_like_file and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained={pretrained!r}: weights file not found")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, precision=precision, device=device, **model_kwargs
-    )
+            raise FileNotFoundError(f"{keys.pretrained}={pretrained!r}: weights file not found")
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, precision=precision, device=device, **model_kwargs
+        )
+    except Exception as err:  # open_clip/safetensors raise many kinds for weights that do not fit
+        if not pretrained or not Path(pretrained).is_file():
+            raise
+        raise ValueError(
+            f"{keys.pretrained}={pretrained!r}: these weights do not load into {name!r} "
+            f"({type(err).__name__}: {err}); is it a weights file of that architecture?"
+        ) from err
     return ModelBundle(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name), name)
 
 
@@ -93,6 +128,15 @@ def model_config(name: str) -> dict:
     if cfg is None:
         raise ValueError(f"no open_clip config for model {name!r}")
     return cfg
+
+
+def architecture_name(name: str) -> str:
+    """The architecture a ``local-dir:<export>`` model was exported from (``fairclip-tiny``,
+    ``ViT-B-32``), so an export of an export does not name a folder that may be gone."""
+    if not name.startswith("local-dir:"):
+        return name
+    config = json.loads((Path(name.removeprefix("local-dir:")) / EXPORT_CONFIG).read_text())
+    return config.get("fairclip", {}).get("model_name", name)
 
 
 def export_open_clip(model: torch.nn.Module, name: str, out_dir: str | Path) -> Path:
@@ -105,10 +149,11 @@ def export_open_clip(model: torch.nn.Module, name: str, out_dir: str | Path) -> 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model_cfg = model_config(name)
+    name = architecture_name(name)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     weights_tmp = out / f".{EXPORT_WEIGHTS}.tmp"
     save_file(state, str(weights_tmp), metadata={"format": "pt", "model_name": name})
-    model_cfg = model_config(name)
     # A tag such as ViT-B-32/openai switches on QuickGELU at creation; keep it in the config,
     # or the export reloads with GELU and different outputs.
     if any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules()):
@@ -129,7 +174,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _load_lightning_checkpoint(
-    path: Path, device: str | torch.device, precision: str | None
+    path: Path, device: str | torch.device, precision: str | None, keys: ModelKeys
 ) -> ModelBundle:
     """Rebuild the open_clip model named in a FairCLIPModule checkpoint's hparams.
 
@@ -140,13 +185,13 @@ def _load_lightning_checkpoint(
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"model.name={str(path)!r}: not a readable Lightning checkpoint ({err})"
+            f"{keys.name}={str(path)!r}: not a readable Lightning checkpoint ({err})"
         ) from err
     hparams = ckpt.get("hyper_parameters") or {}
     spec = hparams.get("model")
     if not isinstance(spec, dict) or "name" not in spec or "state_dict" not in ckpt:
         raise ValueError(
-            f"model.name={str(path)!r}: expected a FairCLIPModule checkpoint (hyper_parameters.model "
+            f"{keys.name}={str(path)!r}: expected a FairCLIPModule checkpoint (hyper_parameters.model "
             f"with a 'name' and a state_dict), got keys {sorted(ckpt)}"
         )
     name, tag = spec["name"], spec.get("pretrained")
@@ -175,7 +220,7 @@ def _load_lightning_checkpoint(
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }
     if not state:
-        raise ValueError(f"model.name={str(path)!r}: state_dict has no 'model.*' weights")
+        raise ValueError(f"{keys.name}={str(path)!r}: state_dict has no 'model.*' weights")
     bundle.model.load_state_dict(state, strict=True)
     return bundle
 
@@ -186,6 +231,7 @@ def load_model(
     config_file: str | None = None,
     precision: str | None = None,
     device: str | torch.device = "cpu",
+    keys: ModelKeys = ModelKeys(),
 ) -> ModelBundle:
     """Load any model fairclip can evaluate, in eval mode.
 
@@ -204,7 +250,7 @@ def load_model(
     )
     if looks_like_path and not path.exists():
         raise FileNotFoundError(
-            f"model.name={spec!r}: file or directory not found (expected a fairclip run dir, an "
+            f"{keys.name}={spec!r}: file or directory not found (expected a fairclip run dir, an "
             "export dir, a Lightning .ckpt or a weights file)"
         )
     if path.is_dir() and looks_like_path:
@@ -225,32 +271,35 @@ def load_model(
             )
         elif (path / "checkpoints" / "last.ckpt").is_file():
             bundle = _load_lightning_checkpoint(
-                path / "checkpoints" / "last.ckpt", device, precision
+                path / "checkpoints" / "last.ckpt", device, precision, keys
             )
         else:
             raise FileNotFoundError(
-                f"model.name={spec!r}: directory holds no {EXPORT_CONFIG}, export/{EXPORT_CONFIG} or "
+                f"{keys.name}={spec!r}: directory holds no {EXPORT_CONFIG}, export/{EXPORT_CONFIG} or "
                 "checkpoints/last.ckpt (expected a fairclip export or run dir)"
             )
     elif looks_like_path and spec.endswith(".ckpt"):
-        bundle = _load_lightning_checkpoint(path, device, precision)
+        bundle = _load_lightning_checkpoint(path, device, precision, keys)
     elif looks_like_path and spec.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            name = (f.metadata() or {}).get("model_name")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                name = (f.metadata() or {}).get("model_name")
+        except Exception as err:  # safetensors' own error type for a bad header
+            raise ValueError(f"{keys.name}={spec!r}: not a safetensors file ({err})") from err
         if not name:
             raise ValueError(
-                f"model.name={spec!r}: weights file has no 'model_name' metadata; give the "
-                "architecture instead: model.name=<open_clip name> model.pretrained=<file>"
+                f"{keys.name}={spec!r}: weights file has no 'model_name' metadata; give the "
+                f"architecture instead: {keys.name}=<open_clip name> {keys.pretrained}=<file>"
             )
         bundle = create_model(
             name, pretrained=str(path), precision=precision or "fp32", device=device
         )
     elif looks_like_path:
         raise ValueError(
-            f"model.name={spec!r}: a weights file needs its architecture: "
-            f"model.name=<open_clip name> model.pretrained={spec}"
+            f"{keys.name}={spec!r}: a weights file needs its architecture: "
+            f"{keys.name}=<open_clip name> {keys.pretrained}={spec}"
         )
     else:
         bundle = create_model(
@@ -259,6 +308,7 @@ def load_model(
             config_file=config_file,
             precision=precision or "fp32",
             device=device,
+            keys=keys,
         )
     bundle.model.eval()
     return bundle

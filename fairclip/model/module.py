@@ -13,7 +13,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torchmetrics import MeanMetric
 
 from fairclip.metrics import GroupZeroShotAccuracy, RetrievalRecall, SkewMetrics
-from fairclip.model.factory import create_model
+from fairclip.model.factory import ModelKeys, create_model
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -78,6 +78,8 @@ class FairCLIPModule(L.LightningModule):
         super().__init__()
         if loss not in ("auto", "clip", "siglip"):
             raise ValueError(f"model.loss={loss!r}: expected one of 'auto', 'clip', 'siglip'")
+        if not lr > 0:  # torch would say so only at configure_optimizers, without the key
+            raise ValueError(f"model.lr={lr!r}: expected a positive learning rate")
         self.save_hyperparameters()
         if (lock_image or lock_text) and not _has_weights(model):
             tower = "image" if lock_image else "text"
@@ -87,7 +89,7 @@ class FairCLIPModule(L.LightningModule):
                 "loads no weights: the locked tower would stay random. Set "
                 "model.model.pretrained=<tag or weights file> (or name=local-dir:<export dir>)."
             )
-        bundle = create_model(**model)
+        bundle = create_model(**model, keys=ModelKeys.under("model.model"))
         self.model = bundle.model
         self.model_name = bundle.name
         self.preprocess_train, self.preprocess_val = bundle.preprocess_train, bundle.preprocess_val
