@@ -32,6 +32,7 @@ $(BALANCED)/train/sizes.json: | venv
 	$(BIN)/fairclip-data synthetic out=$(BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7
 
 demo-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
+	rm -rf logs/demo_balanced logs/demo_lit  # fixed run dirs: a rerun rebuilds them
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_balanced
 	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
 
@@ -46,6 +47,7 @@ $(SPURIOUS_BALANCED)/train/sizes.json: | venv
 	$(BIN)/fairclip-data synthetic out=$(SPURIOUS_BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7 synthetic.background_word_rate=0.5
 
 demo-spurious: venv $(SPURIOUS)/train/sizes.json $(SPURIOUS_BALANCED)/train/sizes.json
+	rm -rf logs/demo_spurious_balanced logs/demo_spurious  # fixed run dirs: a rerun rebuilds them
 	$(BIN)/fairclip-train experiment=demo data=synthetic_spurious paths.data_dir=$(dir $(DATA)) data.train_shards=$(SPURIOUS_BALANCED)/train trainer.max_epochs=10 hydra.run.dir=logs/demo_spurious_balanced
 	$(BIN)/fairclip-train experiment=demo_lit data=synthetic_spurious paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_spurious_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_spurious
 	$(BIN)/fairclip-debias model=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
