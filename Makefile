@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 export OMP_NUM_THREADS ?= 2
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo demo-lit demo-spurious test test-slow test-all test-slurm lint format bench clean
+.PHONY: venv demo demo-lit demo-minilm demo-spurious test test-slow test-all test-slurm lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,13 @@ demo-spurious: venv $(SPURIOUS)/train/sizes.json $(SPURIOUS_BALANCED)/train/size
 	$(BIN)/fairclip-train experiment=demo data=synthetic_spurious paths.data_dir=$(dir $(DATA)) data.train_shards=$(SPURIOUS_BALANCED)/train trainer.max_epochs=10 hydra.run.dir=logs/demo_spurious_balanced
 	$(BIN)/fairclip-train experiment=demo_lit data=synthetic_spurious paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_spurious_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_spurious
 	$(BIN)/fairclip-debias model=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
+
+# The pretrained-text demo (conf/experiment/demo_minilm.yaml): the real all-MiniLM-L6-v2 as a
+# locked text tower, the tiny image tower trained on the balanced split; then the SEM table.
+demo-minilm: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
+	rm -rf logs/demo_minilm  # a fixed run dir: a rerun rebuilds it
+	$(BIN)/fairclip-train experiment=demo_minilm paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_minilm
+	$(BIN)/fairclip-debias model=logs/demo_minilm paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm/compare
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10

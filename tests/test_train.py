@@ -237,3 +237,37 @@ def test_bf16_mixed_trains_with_fp32_weights_and_sae(
     assert {v.dtype for v in exported.values()} == {torch.float32}
     final = json.loads((tmp_path / "sae" / "metrics.json").read_text())
     assert final["text"]["fvu"] < 0.05 and final["image"]["fvu"] < 0.05, final
+
+
+def test_demo_minilm_trains_the_image_tower_against_the_locked_pretrained_text_tower(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """experiment=demo_minilm: the packaged MiniLM text tower needs no pretrained= (it is the
+    pretrained part), stays bit for bit, and runs without dropout; the image tower learns."""
+    from safetensors.torch import load_file
+
+    from fairclip.model.factory import create_model, load_model
+
+    overrides = small_run_overrides(synthetic_dir, "trainer.max_steps=4", "trainer.max_epochs=1")
+    overrides = [o.replace("experiment=demo", "experiment=demo_minilm") for o in overrides]
+    module = build(compose_train(overrides, tmp_path / "probe"))[0]
+    module.train()
+    assert not module.model.text.training and module.model.visual.training
+    train(compose_train(overrides, tmp_path / "run"))
+    start = create_model("fairclip-minilm").model.state_dict()
+    after = load_file(tmp_path / "run" / "export" / "open_clip_model.safetensors")
+    text = [k for k in after if k.startswith("text.")]
+    visual = [k for k in after if k.startswith("visual.")]
+    assert len(text) > 50 and visual
+    assert all(torch.equal(start[k], after[k]) for k in text)
+    assert sum(not torch.equal(start[k], after[k]) for k in visual) > len(visual) // 2
+    # the run dir reloads with the same text embeddings (the export names the packaged model)
+    reloaded = load_model(str(tmp_path / "run"))
+    prompts = reloaded.tokenizer(["a photo of a nurse."])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.model.encode_text(prompts),
+            create_model("fairclip-minilm").model.eval().encode_text(prompts),
+            atol=1e-5,
+            rtol=0,
+        )

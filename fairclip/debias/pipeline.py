@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fairclip.model.factory import EXPORT_CONFIG, create_model, export_open_clip
+from fairclip.model.factory import EXPORT_CONFIG, export_open_clip, load_export
 
 DEBIAS_CONFIG = "debias.json"
 DEBIAS_WEIGHTS = "debias.safetensors"
@@ -166,7 +166,7 @@ class DebiasedCLIP(nn.Module):
         path = Path(path)
         if not (path / EXPORT_CONFIG).is_file():
             raise FileNotFoundError(f"{path}: expected a DebiasedCLIP folder with {EXPORT_CONFIG}")
-        bundle = create_model(f"local-dir:{path}", device=device)
+        bundle = load_export(path, "fp32", device)
         spec = (
             json.loads((path / DEBIAS_CONFIG).read_text())
             if (path / DEBIAS_CONFIG).is_file()

