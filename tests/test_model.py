@@ -169,5 +169,7 @@ def test_packaged_model_without_its_package_names_the_install(
         '{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "no_such_pkg/model"}}'
     )
     monkeypatch.setitem(factory.PACKAGED_MODELS, "fairclip-absent", config)
-    with pytest.raises(ImportError, match=r"model.name='fairclip-absent' .* pip install no-such-pkg"):
+    with pytest.raises(
+        ImportError, match=r"model.name='fairclip-absent' .* pip install no-such-pkg"
+    ):
         create_model("fairclip-absent")
