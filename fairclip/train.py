@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +138,17 @@ def _check_resume_point(ckpt_path: str | None, trainer: L.Trainer) -> None:
                 f"ckpt_path=last: no last.ckpt in {[str(d) for d in dirs]}. Point "
                 "hydra.run.dir at the run to resume, or drop ckpt_path to start a new run."
             )
-    elif (
-        ckpt_path not in ("best", "hpc", "registry")
-        and "://" not in ckpt_path  # remote (fsspec) paths are left to Lightning
-        and not Path(ckpt_path).is_file()
-    ):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: checkpoint file not found")
+    elif ckpt_path not in ("best", "hpc", "registry") and "://" not in ckpt_path:
+        # (remote fsspec paths are left to Lightning)
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: checkpoint file not found")
+        # torch.save writes a zip archive; checking its directory reads a few bytes, where
+        # torch.load of a truncated or foreign file fails with a zip error naming no key
+        if not zipfile.is_zipfile(ckpt_path):
+            raise ValueError(
+                f"ckpt_path={ckpt_path!r}: not a readable checkpoint (expected the zip archive "
+                "torch.save writes; the file is truncated or of another format)"
+            )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

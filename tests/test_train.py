@@ -159,6 +159,13 @@ def test_config_errors_name_the_key(synthetic_dir: Path, tmp_path: Path) -> None
         )
         with pytest.raises(FileNotFoundError, match=match):
             train(cfg)
+    broken = tmp_path / "broken.ckpt"  # e.g. a copy cut short
+    broken.write_bytes(b"PK\x03\x04 not a whole archive")
+    cfg = compose_train(
+        small_run_overrides(synthetic_dir, f"ckpt_path={broken}"), tmp_path / "fresh"
+    )
+    with pytest.raises(ValueError, match=r"ckpt_path='.*broken.ckpt': not a readable checkpoint"):
+        train(cfg)
     assert not list((tmp_path / "fresh").glob("**/*.ckpt"))
 
 
