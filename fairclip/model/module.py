@@ -106,7 +106,8 @@ class FairCLIPModule(L.LightningModule):
         if lock_text:
             self.model.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
         # A fully locked tower runs in eval mode, as in LiT: a pretrained HF text tower has
-        # dropout, which would otherwise add noise to embeddings nothing can learn from.
+        # dropout, which would otherwise add noise to embeddings nothing can learn from. (The
+        # built-in CLIP's text tower is not one submodule and has no dropout: left as it is.)
         self._frozen_towers = [
             tower
             for tower, locked, unlocked in (
