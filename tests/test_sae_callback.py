@@ -224,3 +224,17 @@ def test_checkpointed_sae_of_another_width_names_the_mismatch(tmp_path: Path) ->
     with pytest.raises(ValueError, match="checkpoint's text SAE takes 8-dim embeddings, the "
                        "model gives 16"):  # fmt: skip
         resumed._sae_for("text", 16, torch.device("cpu"))
+
+
+def test_top_activating_captions_decode_with_clip_and_hf_tokenizers() -> None:
+    """The top-activating table shows captions, not placeholders, for open_clip's own
+    tokenizer and for an HF text tower's (model=minilm_clip)."""
+    from types import SimpleNamespace
+
+    from fairclip.model.factory import create_model
+
+    captions = ["a photo of a nurse", "a chef at work"]
+    for name in ("fairclip-tiny", "fairclip-minilm"):
+        tokenizer = create_model(name).tokenizer
+        module = SimpleNamespace(tokenizer=tokenizer)
+        assert SAECallback._decode(module, tokenizer(captions)) == captions, name

@@ -252,6 +252,10 @@ class SAECallback(L.Callback):
     @staticmethod
     def _decode(pl_module: L.LightningModule, tokens: Tensor) -> list[str]:
         tok = getattr(pl_module, "tokenizer", None)
+        hf = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if hasattr(hf, "batch_decode"):
+            texts = hf.batch_decode(tokens.tolist(), skip_special_tokens=True)
+            return [t.strip() for t in texts]
         decode = getattr(tok, "decode", None)
         if decode is None:
             return [f"<caption {i}>" for i in range(tokens.shape[0])]
