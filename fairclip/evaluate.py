@@ -574,6 +574,12 @@ def _compute_report(
         if spec.require_all_groups:
             for attr, counts in info["group_counts"].items():
                 empty = [v for v, n in counts.items() if n == 0]
+                if len(empty) == len(counts):
+                    raise ValueError(
+                        f"splits.{split}={info['shards']!r}: no image has a label for attribute "
+                        f"{attr!r}: its JSON labels lack the field, or spell it differently "
+                        f"(data.attributes.{attr}); set require_all_groups=false to report NaN"
+                    )
                 if empty:
                     raise ValueError(
                         f"splits.{split}={info['shards']!r}: attribute {attr!r} value(s) {empty} "

@@ -371,6 +371,40 @@ def test_datamodule_rejects_bad_config(synthetic_dir: Path) -> None:
         dm.setup("fit")
 
 
+def _val_module(val: Path) -> ShardDataModule:
+    return ShardDataModule(
+        None, str(val), ATTRS, list(CONCEPTS), preprocess_train=lambda x: x,
+        preprocess_val=lambda x: x, tokenizer=lambda x: x,
+    )  # fmt: skip
+
+
+def test_val_labels_are_checked_before_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Validation first runs after an epoch: a bad val label must stop the run at setup."""
+    samples = [_good(f"s{i:03d}") for i in range(40)]
+    samples[30] = {**samples[30], "json": {**samples[30]["json"], "gender": "robot"}}
+    (tmp_path / "bad").mkdir()
+    _tar(tmp_path / "bad" / "v-000000.tar", samples)
+    with pytest.raises(ValueError, match=r"v-000000.tar: sample 's030': field 'gender'='robot'"):
+        _val_module(tmp_path / "bad").setup("fit")
+
+    # a misspelled field reads as unlabelled everywhere: said once, with the fields found
+    renamed = [
+        {**s, "json": {("gendr" if k == "gender" else k): v for k, v in s["json"].items()}}
+        for s in samples[:30]
+    ]
+    (tmp_path / "typo").mkdir()
+    _tar(tmp_path / "typo" / "v-000000.tar", renamed)
+    dm = _val_module(tmp_path / "typo")
+    with caplog.at_level("WARNING", logger="fairclip.data.samples"):
+        dm.setup("fit")
+    assert "field(s) ['gender']" in caplog.text and "'gendr'" in caplog.text
+    assert dm.val_stream is not None and dm.val_stream.total_samples == 30
+    counts = dm.val_stream.decode.check_labels(str(tmp_path / "typo"), "data.val_shards")
+    assert counts == {"gender": 0, "age": 30, "concept": 30}
+
+
 def test_decoder_maps_labels_and_png_to_tensors() -> None:
     sample = _good("k")
     out = _decoder()(

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fairclip.callbacks.bias_eval import BiasEvalCallback
 from fairclip.data.shards import list_shards, write_shards
-from fairclip.data.synthetic import CONCEPTS
+from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
 from fairclip.evaluate import EvalSpec, evaluate_model, resolve_splits, run
 from fairclip.model.factory import create_model
 from fairclip.report import flatten_metrics, load_report
@@ -353,6 +353,11 @@ def test_bad_inputs_give_clear_errors(synthetic_dir: Path, tmp_path: Path) -> No
     fails(FileNotFoundError, r"splits\.eval.*not found", f"splits.eval={tmp_path}/none/x.tar")
     # a misspelled label field: an error, not a report without zero-shot accuracy
     fails(ValueError, r"no image has a concept label under 'occupation'", "label_key=occupation")
+    typo = [{**x, "json": {("gendr" if k == "gender" else k): v for k, v in x["json"].items()}}
+            for x in generate_samples("eval", 48, SyntheticConfig())]  # fmt: skip
+    write_shards(typo, tmp_path / "typo", "eval", progress=False)
+    fails(ValueError, r"splits\.eval=.*no image has a label for attribute 'gender'.*spell it",
+          f"splits.eval={tmp_path}/typo")  # fmt: skip
     fails(ValueError, r"device='gpu': expected auto, cpu, cuda", "device=gpu")
     fails(ValueError, r"compare='runA': expected a list", "+compare=runA")
     # a value listed in data.attributes with no image in the split

@@ -83,6 +83,8 @@ class ShardDataModule(L.LightningDataModule):
             self.label_key,
             require_caption=train,
         )
+        if not train:  # validation runs only after the first epoch: check its labels now
+            decode.check_labels(spec, key)
         return ShardStream(
             list_shards(spec, key),
             decode,

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
-from fairclip.data.shards import IMAGE_EXTENSIONS
+from fairclip.data.shards import IMAGE_EXTENSIONS, iter_members
 from fairclip.data.stream import CorruptSample
+
+log = logging.getLogger(__name__)
 
 
 class SampleDecoder:
@@ -66,19 +69,23 @@ class SampleDecoder:
         }
 
     def _labels(self, raw: bytes | None, where: str) -> dict:
+        return self._indices(self._parse(raw, where), where)
+
+    @staticmethod
+    def _parse(raw: bytes | None, where: str) -> dict[str, Any]:
         if raw is None:
-            meta: dict[str, Any] = {}
-        else:
-            try:
-                meta = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{where}: malformed JSON label ({err.msg} at char {err.pos})"
-                ) from err
-            if not isinstance(meta, dict):
-                raise ValueError(
-                    f"{where}: JSON label must be an object, got {type(meta).__name__}"
-                )
+            return {}
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{where}: malformed JSON label ({err.msg} at char {err.pos})"
+            ) from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: JSON label must be an object, got {type(meta).__name__}")
+        return meta
+
+    def _indices(self, meta: dict[str, Any], where: str) -> dict:
         groups = []
         for attr, vocab in self.attributes.items():
             value = meta.get(attr)
@@ -93,6 +100,36 @@ class SampleDecoder:
                 f"{where}: field {self.label_key!r}={concept!r} is not in data.concepts={list(self.concepts)}"
             )
         return {"groups": groups, "concept": self.concepts.get(concept, -1)}
+
+    def check_labels(self, spec: str | list, config_key: str) -> dict[str, int]:
+        """Check every JSON label of the shards ``spec`` up front; return samples per field.
+
+        Training validates only at the end of its first epoch, so a label outside the
+        vocabularies would otherwise surface an epoch in; this reads the JSON members alone
+        (no image decode) and raises with the shard, key and field. A configured field that no
+        sample carries, most often a misspelled key, would read as "unlabelled" everywhere: it
+        is logged with the fields the labels do have.
+        """
+        counts = dict.fromkeys([*self.attributes, self.label_key], 0)
+        found: set[str] = set()
+        for url, key, raw in iter_members(spec, "json", config_key):
+            meta = self._parse(raw, f"{url}: sample {key!r}")
+            self._indices(meta, f"{url}: sample {key!r}")
+            found.update(meta)
+            for field in counts.keys() & meta.keys():
+                counts[field] += 1
+        absent = [f for f, n in counts.items() if n == 0 and (f != self.label_key or self.concepts)]
+        if absent:
+            log.warning(
+                "%s=%r: no sample's JSON label has the field(s) %s, so every sample counts as "
+                "unlabelled for them; the labels have %s (a misspelled key in data.attributes or "
+                "label_key?)",
+                config_key,
+                spec,
+                absent,
+                sorted(found),
+            )
+        return counts
 
 
 class Collate:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,19 +131,28 @@ def count_tar_samples(url: str) -> int:
     return len(keys)
 
 
-def read_captions(spec: str | Path | list, n: int, config_key: str = "data.shards") -> list[str]:
-    """The ``txt`` captions of the first ``n`` samples of the shards in ``spec`` (in order).
+def iter_members(
+    spec: str | Path | list, suffix: str, config_key: str = "data.shards"
+) -> Iterator[tuple[str, str, bytes]]:
+    """``(shard url, sample key, bytes)`` of every ``.{suffix}`` member of the shards, in order.
 
-    Reads only the caption members, so a text corpus (e.g. for an SAE) costs no image decode.
+    Reads only those members (tar headers are skipped over), so a caption corpus or a label
+    check costs no image decode.
     """
-    out: list[str] = []
     for shard in list_shards(spec, config_key):
         with tarfile.open(shard.url) as tar:
             for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    out.append(tar.extractfile(member).read().decode("utf-8").strip())
-                    if len(out) >= n:
-                        return out
+                if member.isfile() and member.name.endswith(f".{suffix}"):
+                    yield shard.url, member.name[: -len(suffix) - 1], tar.extractfile(member).read()
+
+
+def read_captions(spec: str | Path | list, n: int, config_key: str = "data.shards") -> list[str]:
+    """The ``txt`` captions of the first ``n`` samples of the shards in ``spec`` (in order)."""
+    out: list[str] = []
+    for _, _, raw in iter_members(spec, "txt", config_key):
+        out.append(raw.decode("utf-8").strip())
+        if len(out) >= n:
+            break
     return out
 
 
