@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from fairclip.data.shards import read_captions, write_shards
 from fairclip.data.synthetic import SyntheticConfig, generate_samples
 from fairclip.debias.compare import METHODS, CompareContext, expand_prompts, register_method, run
-from fairclip.debias.orth import fit_orth_proj
+from fairclip.debias.orth import fit_orth_proj, score_gap_split
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig
 from fairclip.debias.sem import SEM, bias_score, content_score, fit_sem, flagged_lean_share
@@ -111,6 +111,32 @@ def test_flagged_lean_share_splits_the_lean_by_latent() -> None:
     assert flagged_lean_share(sem, emb, direction) == 0.0
 
 
+def test_score_gap_split_separates_the_lean_from_the_images() -> None:
+    """Two cases worked by hand: a gap the images cancel, and a gap that is all lean."""
+    t = torch.nn.functional.normalize(torch.tensor([[0.3, 0.9, 0.0]]), dim=-1)
+    direction = torch.tensor([[2.0, 0.0, 0.0]])  # the bias-prompt span is the first axis
+    concepts = torch.tensor([0, 0, 0, 0, -1, 0])
+    groups = torch.tensor([0, 0, 1, 1, 0, -1])  # the last two are unlabelled: ignored
+
+    def images(female: list[float], male: list[float]) -> torch.Tensor:
+        return torch.tensor([female, female, male, male, [9.0, 9, 9], [9.0, 9, 9]])
+
+    # women sit toward +x (the lean's side) and, by as much in score, toward -y: cancelled
+    cancel = score_gap_split(
+        t, images([0.3, -0.1, 0.5], [-0.3, 0.1, 0.5]), concepts, groups, direction
+    )
+    lean = float(t[0, 0] * 0.6)
+    assert cancel["gap"] == pytest.approx(0.0, abs=1e-6)
+    assert cancel["gap_lean"] == pytest.approx(lean) and cancel["gap_rest"] == pytest.approx(lean)
+    assert cancel["offset"] == pytest.approx(1.0)
+    # the groups differ only along the lean: all of the gap is the prompts'
+    text = score_gap_split(
+        t, images([0.3, 0.2, 0.5], [-0.3, 0.2, 0.5]), concepts, groups, direction
+    )
+    assert text["gap"] == pytest.approx(lean) and text["gap_rest"] == pytest.approx(0.0, abs=1e-6)
+    assert text["offset"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_expand_prompts() -> None:
     spec = {"templates": ["a {a} {g}.", "a {g}."], "words": {"g": ["man", "woman"], "a": ["old"]}}
     assert expand_prompts(spec, "k") == ["a old man.", "a old woman.", "a man.", "a woman."]
@@ -182,6 +208,9 @@ def test_compare_table(table: dict) -> None:
     assert rows["clip"]["class_lean"] > 0.01
     assert abs(rows["orth_proj"]["class_lean"]) < 0.1 * rows["clip"]["class_lean"]
     assert -1.0 <= table["sae"]["flagged_lean_share"] <= 1.5
+    gap = table["score_gap"]  # |lean + rest| <= |lean| + |rest| for every (class, value)
+    assert 0 < gap["gap"] <= gap["gap_lean"] + gap["gap_rest"] + 1e-6
+    assert f"cancels {gap['offset']:.0%} of the lean" in md
     assert json.loads((table["out"] / "compare.json").read_text())["rows"] == rows
     assert 0 <= table["sae"]["fvu"] < 0.2 and table["sae"]["dead_fraction"] < 0.5
     clip = rows["clip"]

@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fairclip.data.shards import atomic_write_text, list_shards, read_captions
-from fairclip.debias.orth import fit_orth_proj
+from fairclip.debias.orth import fit_orth_proj, score_gap_split
 from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
 from fairclip.debias.sem import fit_sem, flagged_lean_share
@@ -325,7 +325,8 @@ class CompareContext(Mapping[str, Any]):
         return self.cache[key]
 
     @torch.no_grad()
-    def _image_embeddings(self, n: int) -> torch.Tensor:
+    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(unit image embeddings of the base model, batch) over the eval split, in order."""
         from fairclip.data.samples import CaptionCollate, SampleDecoder
         from fairclip.data.stream import ShardStream
 
@@ -339,14 +340,39 @@ class CompareContext(Mapping[str, Any]):
             CaptionCollate(self.bundle.tokenizer), 256, train=False, num_workers=0,
             config_key="splits.eval",
         )  # fmt: skip
-        out, seen = [], 0
         for batch in stream:
             img = self.bundle.model.encode_image(batch["image"].to(self.device), normalize=True)
-            out.append(img.float())
+            yield img.float(), batch
+
+    def _image_embeddings(self, n: int) -> torch.Tensor:
+        out, seen = [], 0
+        for img, _ in self._eval_batches():
+            out.append(img)
             seen += img.shape[0]
             if seen >= n:
                 break
         return torch.cat(out)[:n]
+
+    def score_gap(self) -> dict[str, float] | None:
+        """:func:`score_gap_split` of the base model on the eval split, for ``cfg.attribute``
+        (None without concept labels or bias prompts for the attribute)."""
+        basis = self.lean_basis()
+        spec = self.options.get("spec") or spec_from_cfg(_eval_view(self.cfg))
+        if basis is None or str(self.cfg.query_set) != "concepts":
+            return None
+        directions, base = basis
+        attr = list(spec.attributes).index(str(self.cfg.attribute))
+        images, concepts, groups = [], [], []
+        for img, batch in self._eval_batches():
+            images.append(img)
+            concepts.append(batch["concept"])
+            groups.append(batch["groups"][:, attr])
+        per_template = base.reshape(len(spec.concepts), len(spec.zero_shot_templates), -1)
+        class_emb = torch.nn.functional.normalize(per_template.mean(1), dim=-1)
+        return score_gap_split(
+            class_emb, torch.cat(images), torch.cat(concepts).to(self.device),
+            torch.cat(groups).to(self.device), directions,
+        )  # fmt: skip
 
 
 _SAE_KEYS = ("fvu", "cos", "l0", "dead_fraction", "dead_fraction_inference")
@@ -636,6 +662,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for seed, r in zip(seeds, runs, strict=True)
         ]
         result["spread"] = spread
+    gap = ctx.score_gap()  # the base model's: the same in every seed's context
+    if gap is not None:
+        result["score_gap"] = gap
+        table += _score_gap_note(gap, str(cfg.attribute))
     queries = "" if cfg.query_set == "concepts" else f", query set {cfg.query_set}"
     table += (
         f"\n\nBy ranking depth ({cfg.attribute}, {cfg.target}{queries}; plot: {DEPTH_PLOT}):\n\n"
@@ -648,6 +678,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _log_to_wandb(cfg, result, out_dir)
     print(table)
     return result
+
+
+def _score_gap_note(gap: Mapping[str, float], attribute: str) -> str:
+    return (
+        f"\n\nWhere clip's {attribute} score gap lives (class prompts vs each value's images "
+        f"of the class, `score_gap` in compare.json): {gap['gap']:.4f} in all; "
+        f"{gap['gap_lean']:.4f} along the bias-prompt directions (the prompts' lean, what "
+        f"text-side methods remove), {gap['gap_rest']:.4f} elsewhere, which cancels "
+        f"{gap['offset']:.0%} of the lean (near 100%: removing the lean flips the gap; near "
+        "0: the bias is the lean's)."
+    )
 
 
 def _log_to_wandb(cfg: DictConfig, result: Mapping[str, Any], out_dir: Path) -> None:

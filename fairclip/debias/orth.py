@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fairclip.debias.pipeline import Intervention, register
 
-__all__ = ["OrthProj", "group_directions", "fit_orth_proj"]
+__all__ = ["OrthProj", "group_directions", "fit_orth_proj", "score_gap_split"]
 
 
 @register("orth_proj")
@@ -79,3 +79,50 @@ def fit_orth_proj(
     proj = OrthProj(dirs.shape[1], keep).to(dirs.device)
     proj.basis.copy_(vh[:keep].T)
     return proj.eval()
+
+
+@torch.no_grad()
+def score_gap_split(
+    class_emb: Tensor, images: Tensor, concepts: Tensor, groups: Tensor, directions: Tensor
+) -> dict[str, float]:
+    """Where a model's group score gap lives: in the prompts' lean, or in the images.
+
+    For class ``c`` and group value ``v`` the ranking sees ``gap = t_c · (μ_cv − μ_c¬v)``
+    (``μ``: mean image embedding of the class's images of that value, or of the others). It
+    splits into the part along the span ``U`` of the bias-prompt ``directions``
+    (``t_c U Uᵀ Δ``: the prompts' lean, all Orth-Proj removes and the part SEM targets) and
+    the rest (how the image tower places the groups along everything else the prompt reads).
+    ``offset`` = −Σ lean·rest / Σ lean² is the share of the lean the rest cancels: near 1, as
+    for an image tower trained on balanced data against a biased locked text tower, the
+    model is fair only because the two cancel, and a text-side edit that removes the lean
+    exposes the rest (the gap flips); near 0 the bias is the lean's and text-side methods
+    apply; negative, the images add to it. Means of |·| over classes and values with images
+    of both sides. ``class_emb`` [C, D], ``images`` [N, D], ``concepts``/``groups`` [N] class
+    and value indices (< 0: unlabelled), ``directions`` [V, D].
+    """
+    _, s, vh = torch.linalg.svd(directions.float(), full_matrices=False)
+    basis = vh[s > 1e-6 * s[0]].T  # [D, r]
+    keep = (concepts >= 0) & (groups >= 0)
+    images, concepts, groups = images[keep].float(), concepts[keep], groups[keep]
+    totals, leans = [], []
+    for c in range(class_emb.shape[0]):  # classes x values: a few dozen
+        for v in groups.unique().tolist():
+            inside = (concepts == c) & (groups == v)
+            outside = (concepts == c) & (groups != v)
+            if not inside.any() or not outside.any():
+                continue
+            delta = images[inside].mean(0) - images[outside].mean(0)
+            t = class_emb[c].float()
+            totals.append(t @ delta)
+            leans.append((t @ basis) @ (basis.T @ delta))
+    if not totals:
+        nan = float("nan")
+        return {"gap": nan, "gap_lean": nan, "gap_rest": nan, "offset": nan}
+    total, lean = torch.stack(totals), torch.stack(leans)
+    rest = total - lean
+    return {
+        "gap": float(total.abs().mean()),
+        "gap_lean": float(lean.abs().mean()),
+        "gap_rest": float(rest.abs().mean()),
+        "offset": float(-(lean * rest).sum() / (lean * lean).sum().clamp_min(1e-12)),
+    }
