@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 export OMP_NUM_THREADS ?= 2
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo demo-lit demo-minilm demo-spurious test test-slow test-all test-slurm lint format bench clean
+.PHONY: venv demo demo-lit demo-minilm demo-minilm-lit demo-spurious test test-slow test-all test-slurm lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,14 @@ demo-minilm: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	rm -rf logs/demo_minilm  # a fixed run dir: a rerun rebuilds it
 	$(BIN)/fairclip-train experiment=demo_minilm paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_minilm
 	$(BIN)/fairclip-debias model=logs/demo_minilm paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm/compare
+
+# The pretrained-text LiT demo (README): demo-minilm's image tower locked, the MiniLM text
+# tower fine-tuned on the biased split, then the debiasing table.
+demo-minilm-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
+	test -f logs/demo_minilm/export/open_clip_model.safetensors || $(BIN)/fairclip-train experiment=demo_minilm paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_minilm
+	rm -rf logs/demo_minilm_lit  # a fixed run dir: a rerun rebuilds it
+	$(BIN)/fairclip-train experiment=demo_minilm_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_minilm/export/open_clip_model.safetensors hydra.run.dir=logs/demo_minilm_lit
+	$(BIN)/fairclip-debias model=logs/demo_minilm_lit paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm_lit/compare
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10

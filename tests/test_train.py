@@ -279,3 +279,27 @@ def test_demo_minilm_trains_the_image_tower_against_the_locked_pretrained_text_t
             atol=1e-5,
             rtol=0,
         )
+
+    # experiment=demo_minilm_lit on that export: the image tower is locked, MiniLM is tuned
+    lit = small_run_overrides(
+        synthetic_dir, "trainer.max_steps=2", "trainer.max_epochs=1",
+        f"model.model.pretrained={tmp_path / 'run' / 'export' / 'open_clip_model.safetensors'}",
+    )  # fmt: skip
+    lit = [o.replace("experiment=demo", "experiment=demo_minilm_lit") for o in lit]
+    train(compose_train(lit, tmp_path / "lit"))
+    tuned = load_file(tmp_path / "lit" / "export" / "open_clip_model.safetensors")
+    assert all(torch.equal(after[k], tuned[k]) for k in visual)
+    assert sum(not torch.equal(after[k], tuned[k]) for k in text) > len(text) // 2
+
+
+def test_demo_minilm_lit_is_the_documented_override_set(tmp_path: Path) -> None:
+    """README's MiniLM-LiT numbers came from experiment=demo_minilm plus these overrides."""
+    weights = "model.model.pretrained=w.safetensors"
+    by_name = compose_train(["experiment=demo_minilm_lit", weights], tmp_path)
+    by_hand = compose_train(
+        ["experiment=demo_minilm", weights, "data.train_shards=${paths.data_dir}/synthetic/train",
+         "model.lock_text=false", "model.lock_image=true", "model.lr=1e-4",
+         "trainer.max_epochs=3", "task_name=demo_minilm_lit"], tmp_path,
+    )  # fmt: skip
+    assert by_name.model == by_hand.model and by_name.trainer == by_hand.trainer
+    assert by_name.data == by_hand.data and by_name.data.train_shards.endswith("synthetic/train")
