@@ -101,7 +101,7 @@ class SampleDecoder:
             )
         return {"groups": groups, "concept": self.concepts.get(concept, -1)}
 
-    def check_labels(self, spec: str | list, config_key: str) -> dict[str, int]:
+    def check_labels(self, spec: Any, config_key: str) -> dict[str, int]:
         """Check every JSON label of the shards ``spec`` up front; return samples per field.
 
         Training validates only at the end of its first epoch, so a label outside the

@@ -684,8 +684,8 @@ def _score_gap_note(gap: Mapping[str, float], attribute: str) -> str:
     return (
         f"\n\nWhere clip's {attribute} score gap lives (class prompts vs each value's images "
         f"of the class, `score_gap` in compare.json): {gap['gap']:.4f} in all; "
-        f"{gap['gap_lean']:.4f} along the bias-prompt directions (the prompts' lean, what "
-        f"text-side methods remove), {gap['gap_rest']:.4f} elsewhere, which cancels "
+        f"{gap['gap_lean']:.4f} along the bias-prompt directions (the prompts' lean: what "
+        f"Orth-Proj removes and SEM targets), {gap['gap_rest']:.4f} elsewhere, which cancels "
         f"{gap['offset']:.0%} of the lean (near 100%: the model is fair only because the two "
         "cancel, and removing the lean flips the gap)."
     )
