@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -248,6 +249,70 @@ def test_callback_config_and_both_modes(demo: dict, synthetic_dir: Path, tmp_pat
     during.on_fit_end(trainer, module)
     loaded = DebiasedCLIP.load(tmp_path / "during")
     assert len(loaded.image) == 1 and len(loaded.text) == 0
+
+
+def test_during_reuses_the_training_steps_embeddings(
+    demo: dict, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """mode=during takes the image and caption embeddings the training step returned and runs
+    only the counterfactual captions through the text tower; the heads it fits are those of
+    encoding the batch again (a module that returns no embeddings)."""
+    from fairclip.debias.heads import iter_batches
+
+    prompts = compose_train(small_run_overrides(synthetic_dir, "callbacks=joint"), tmp_path)
+    prompts = prompts.callbacks.joint.prompts
+    bundle = demo["bundle"]
+    model = bundle.model
+    calls = {"image": 0, "text": 0}
+    encode_image, encode_text = model.encode_image, model.encode_text
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    module = _Module(
+        model=model, tokenizer=bundle.tokenizer, preprocess_val=bundle.preprocess_val,
+        attributes=ATTRIBUTES, concepts=CONCEPTS, model_name=bundle.name,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    trainer = SimpleNamespace(is_global_zero=True, global_rank=0, world_size=1, current_epoch=0)
+    batches = list(
+        iter_batches(synthetic_dir / "train", bundle.preprocess_val, bundle.tokenizer, ATTRIBUTES,
+                     CONCEPTS, batch_size=64, max_samples=192)
+    )  # fmt: skip
+    with torch.no_grad():
+        outputs = [
+            {"embeddings": {"image": encode_image(b["image"], normalize=True),
+                            "text": encode_text(b["text"], normalize=True)}}
+            for b in batches
+        ]  # fmt: skip
+    heads = []
+    for given in (outputs, [None] * len(batches)):
+        callback = JointHeadsCallback(
+            prompts, str(synthetic_dir / "eval"), tmp_path, mode="during",
+        )  # fmt: skip
+        callback.setup(trainer, module, "fit")
+        torch.manual_seed(0)
+        calls.update(image=0, text=0)
+        model.encode_image, model.encode_text = (
+            counted("image", encode_image), counted("text", encode_text),
+        )  # fmt: skip
+        try:
+            for i, (batch, out) in enumerate(zip(batches, given, strict=True)):
+                callback.on_train_batch_end(trainer, module, out, batch, i)
+        finally:
+            del model.encode_image, model.encode_text
+        heads.append(callback.trainer_.heads.state_dict())
+        if given is outputs:
+            assert calls == {"image": 0, "text": len(batches)}  # counterfactuals only
+        else:
+            assert calls == {"image": len(batches), "text": 2 * len(batches)}
+    assert heads[0]["text.mlp2.2.weight"].abs().sum() > 0  # stepped
+    for name, weight in heads[0].items():
+        torch.testing.assert_close(weight, heads[1][name], rtol=1e-4, atol=1e-5)
 
 
 def test_joint_during_a_real_fit(synthetic_dir: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fairclip.callbacks.embeddings import step_embeddings
 from fairclip.data.shards import atomic_write_text
 from fairclip.debias.joint import (
     SELECT_KEY,
@@ -128,11 +129,11 @@ class JointHeadsCallback(L.Callback):
         if int(n_labelled) < 2:
             return
         model = pl_module.model
+        # the step's own embeddings: only the counterfactual captions need a forward pass
+        emb = step_embeddings(pl_module, outputs, batch, ("image", "text"))
+        fv, ft = emb["image"][keep], emb["text"][keep]
         with torch.no_grad():
-            tokens = batch["text"][keep]
-            fv = model.encode_image(batch["image"][keep])
-            ft = model.encode_text(tokens)
-            ftc = model.encode_text(self.swapper(tokens))
+            ftc = model.encode_text(self.swapper(batch["text"][keep]), normalize=True).float()
         if self.trainer_ is None:
             self.trainer_ = self._new_trainer(trainer, fv.shape[1], pl_module.device)
         with torch.enable_grad():

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from fairclip.callbacks.embeddings import encode_batch, step_embeddings
 from fairclip.data.shards import atomic_write_text
 from fairclip.debias.sae import (
     MatryoshkaTopKSAE,
@@ -122,26 +123,6 @@ class SAECallback(L.Callback):
     def _config(self, d_in: int) -> SAEConfig:
         return SAEConfig(d_in=d_in, epochs=self.final_epochs, **self.sae_kwargs)
 
-    @torch.no_grad()
-    def _embed(self, pl_module: L.LightningModule, batch: dict) -> dict[str, Tensor]:
-        model = pl_module.model
-        out = {}
-        if "text" in self.modalities:
-            out["text"] = model.encode_text(batch["text"], normalize=True).float()
-        if "image" in self.modalities:
-            out["image"] = model.encode_image(batch["image"], normalize=True).float()
-        return out
-
-    def _step_embeddings(
-        self, pl_module: L.LightningModule, outputs: Any, batch: dict
-    ) -> dict[str, Tensor]:
-        """The unit embeddings the training step returned (``outputs["embeddings"]``), else
-        the batch encoded anew (a module that returns only its loss)."""
-        given = outputs.get("embeddings") if isinstance(outputs, dict) else None
-        if given is None or any(m not in given for m in self.modalities):
-            return self._embed(pl_module, batch)
-        return {m: given[m].detach().float() for m in self.modalities}
-
     def _sae_for(self, mod: str, d_in: int, device: torch.device) -> MatryoshkaTopKSAE:
         """The modality's during-training SAE: restored from the checkpoint if there was one
         (its optimiser state too), else new."""
@@ -188,7 +169,7 @@ class SAECallback(L.Callback):
         batch_idx: int,
     ) -> None:
         keep = -(-self.buffer_size // trainer.world_size)  # this rank's share of the buffer
-        for mod, emb in self._step_embeddings(pl_module, outputs, batch).items():
+        for mod, emb in step_embeddings(pl_module, outputs, batch, self.modalities).items():
             buf = self.buffers.get(mod)
             buf = emb if buf is None else torch.cat([buf, emb])
             self.buffers[mod] = buf[-keep:]
@@ -235,7 +216,7 @@ class SAECallback(L.Callback):
         seen, quota = 0, -(-self.final_samples // trainer.world_size)
         for batch in loader:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            for mod, emb in self._embed(pl_module, batch).items():
+            for mod, emb in encode_batch(pl_module, batch, self.modalities).items():
                 embs[mod].append(emb)
             captions.extend(self._decode(pl_module, batch["text"]))
             seen += batch["text"].shape[0]
