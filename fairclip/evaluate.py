@@ -255,10 +255,13 @@ def _model_dtype(model: Any) -> torch.dtype:
 def encode_prompts(
     model: Any, tokenizer: Callable, prompts: Sequence[str], device: torch.device, chunk: int = 512
 ) -> Tensor:
-    """Unit-norm text embeddings ``[len(prompts), D]`` (float32), encoded in chunks."""
+    """Unit-norm text embeddings ``[len(prompts), D]`` (float32), encoded in chunks; a progress
+    bar from 10 chunks on (a caption corpus for an SAE can take minutes on a CPU)."""
+    starts = range(0, len(prompts), chunk)
+    bar = tqdm(starts, desc="encoding prompts", unit="chunk", disable=len(starts) < 10 or None)
     out = [
         model.encode_text(tokenizer(list(prompts[i : i + chunk])).to(device), normalize=True)
-        for i in range(0, len(prompts), chunk)
+        for i in bar
     ]
     return torch.cat(out).float()
 
