@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +441,18 @@ def encode_text_side(
     )
 
 
+@dataclass
+class ImageCache:
+    """Image embeddings (with their batch's labels and captions) of whole evaluation passes.
+
+    Why: the text-side rows of a comparison table (Orth-Proj, SEM, a text head) share the base
+    model's image encoder, so every row after the first would decode and encode the same images
+    again. The caller vouches that the models it shares a cache between embed images alike.
+    """
+
+    passes: dict[str, list[tuple[dict, Tensor]]] = field(default_factory=dict)
+
+
 def _passes(splits: Mapping[str, Any], used: set[str]) -> list[tuple[Any, list[str]]]:
     """One pass per distinct shard spec: a split given twice (neutral = eval) is read once."""
     passes: list[tuple[Any, list[str]]] = []
@@ -511,12 +523,15 @@ def evaluate_model(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    image_cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (anything with ``encode_image``/``encode_text(..., normalize=True)``).
 
     ``splits`` maps ``eval``/``neutral`` to shard specs (see :func:`resolve_splits`). Under
     DDP call it on every rank with its ``rank``/``world_size``: each rank encodes its share and
-    the metric states are synced. Returns the report dict (see :mod:`fairclip.report`).
+    the metric states are synced. ``image_cache``: reuse (and fill) the image embeddings of an
+    earlier call; pass one only to models with the same image encoder. Returns the report dict
+    (see :mod:`fairclip.report`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
@@ -534,18 +549,30 @@ def evaluate_model(
         text = encode_text_side(model, tokenizer, spec, device)
         dtype = _model_dtype(model)
         for shards, roles in _passes(splits, used):
+            cache_key = repr((shards, rank, world_size, dict(spec.attributes), spec.concepts,
+                              spec.label_key))  # fmt: skip
+            cached = image_cache.passes.get(cache_key) if image_cache is not None else None
+            if cached is not None:
+                for batch, img in cached:
+                    _update(metrics, spec, text, model, batch, img, roles)
+                continue
             key = f"splits.{roles[0]}"
             stream = _stream(
                 shards, key, spec, preprocess, tokenizer, batch_size, num_workers, rank, world_size
             )
             loader = stream_loader(stream, num_workers)
             desc = f"embedding {'+'.join(roles)} images"
+            kept: list[tuple[dict, Tensor]] = []
             for batch in tqdm(
                 loader, total=len(stream), desc=desc, unit="batch", disable=not progress
             ):
-                images = batch["image"].to(device, dtype)
+                images = batch.pop("image").to(device, dtype)
                 img = model.encode_image(images, normalize=True).float()
                 _update(metrics, spec, text, model, batch, img, roles)
+                if image_cache is not None:
+                    kept.append((batch, img))
+            if image_cache is not None:  # only a whole pass: a failed one is read again
+                image_cache.passes[cache_key] = kept
         report = _compute_report(metrics, spec, splits, used)
         report["seconds"] = round(time.perf_counter() - start, 2)
         return report

@@ -22,7 +22,9 @@ from PIL import Image
 from fairclip.callbacks.bias_eval import BiasEvalCallback
 from fairclip.data.shards import list_shards, write_shards
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
-from fairclip.evaluate import EvalSpec, evaluate_model, resolve_splits, run
+from fairclip.debias.orth import OrthProj
+from fairclip.debias.pipeline import DebiasedCLIP
+from fairclip.evaluate import EvalSpec, ImageCache, evaluate_model, resolve_splits, run
 from fairclip.model.factory import create_model
 from fairclip.report import flatten_metrics, load_report
 from tests.conftest import compose_eval
@@ -213,6 +215,42 @@ def test_report_values_equal_direct_computation(synthetic_dir: Path) -> None:
 
 
 # -- the trained demo checkpoint ----------------------------------------------------------------
+def test_image_cache_serves_text_side_models_without_reencoding(synthetic_dir: Path) -> None:
+    """A text-only debiased model reads the base model's cached image embeddings: its report
+    equals the uncached one, and no image is encoded for it."""
+    torch.manual_seed(1)
+    bundle = create_model("fairclip-tiny")
+    bundle.model.eval()
+    spec = EvalSpec.from_config(PROMPTS, ATTRS, CONCEPTS, skew_ks=KS, recall_ks=(1, 10))
+    splits = resolve_splits(str(synthetic_dir / "eval"))
+    proj = OrthProj(bundle.model.text_projection.shape[1], 1)
+    proj.basis[:, 0] = torch.nn.functional.normalize(torch.randn(proj.basis.shape[0]), dim=0)
+    debiased = DebiasedCLIP(bundle.model, bundle.name, text=[proj])
+
+    def run_eval(model: object, cache: ImageCache | None) -> dict:
+        return evaluate_model(model, bundle.tokenizer, bundle.preprocess_val, spec, splits,
+                              batch_size=BATCH, num_workers=0, progress=False,
+                              image_cache=cache)  # fmt: skip
+
+    cache = ImageCache()
+    base = flatten_metrics(run_eval(bundle.model, cache))
+    assert len(cache.passes) == 2  # the eval and neutral splits
+    uncached = flatten_metrics(run_eval(debiased, None))
+    encoded = []
+    encode_image = bundle.model.encode_image
+    bundle.model.encode_image = lambda *a, **k: encoded.append(1) or encode_image(*a, **k)
+    try:
+        cached = flatten_metrics(run_eval(debiased, cache))
+    finally:
+        del bundle.model.encode_image
+    assert not encoded
+    assert cached.keys() == uncached.keys()
+    for key, value in uncached.items():
+        assert cached[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    # the projection changed the text side, so the comparison above is not base vs base
+    assert any(abs(base[k] - v) > 1e-3 for k, v in uncached.items() if k in base)
+
+
 @pytest.fixture(scope="module")
 def shuffled_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The eval + neutral splits with group labels permuted across images (concepts kept):

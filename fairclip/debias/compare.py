@@ -45,6 +45,7 @@ from fairclip.debias.pipeline import DebiasedCLIP
 from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
 from fairclip.debias.sem import fit_sem, flagged_lean_share
 from fairclip.evaluate import (
+    ImageCache,
     encode_prompts,
     evaluate_model,
     resolve_device,
@@ -173,6 +174,8 @@ class CompareContext(Mapping[str, Any]):
     # embeddings that do not depend on the seed (SAE corpus, image samples), shared by the
     # contexts of one run so that a multi-seed table encodes them once
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the base model's eval image embeddings, reused by every row that leaves images alone
+    images: ImageCache = field(default_factory=ImageCache)
     _sae: MatryoshkaTopKSAE | None = None
     _lean_basis: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -615,11 +618,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seeds = _seeds(cfg)
     runs: list[SeedRun] = []
     cache: dict[str, torch.Tensor] = {}
+    images = ImageCache()
     for seed in seeds:
         torch.manual_seed(seed)
         ctx = CompareContext(
-            cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}, cache=cache
-        )
+            cfg, bundle, device, run_dir=run_dir, options={**options, "seed": seed}, cache=cache,
+            images=images,
+        )  # fmt: skip
         models_dir = out_dir / "models" / (f"seed{seed}" if len(seeds) > 1 else "")
         first = runs[0] if runs else None
         runs.append(_evaluate_methods(cfg, bundle, ctx, spec, splits, depth_ks, models_dir, first))
@@ -729,6 +734,19 @@ class SeedRun:
     sae: dict[str, Any]
 
 
+def embeds_images_as_base(model: Any, bundle: ModelBundle) -> bool:
+    """Whether ``model`` embeds images exactly as the base model does (a row that edits only
+    text), so that it may reuse the base model's image embeddings."""
+    if model is bundle.model:
+        return True
+    return (
+        isinstance(model, DebiasedCLIP)
+        and model.model is bundle.model
+        and not model.image
+        and not model.vision_patches
+    )
+
+
 def _evaluate_methods(
     cfg: DictConfig,
     bundle: ModelBundle,
@@ -754,6 +772,7 @@ def _evaluate_methods(
             model, bundle.tokenizer, bundle.preprocess_val, spec, splits, device=ctx.device,
             batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
             progress=bool(cfg.progress),
+            image_cache=ctx.images if embeds_images_as_base(model, bundle) else None,
         )  # fmt: skip
         reports[name] = {**report["metrics"], "cells": report["cells"]}
         queries = str(cfg.query_set)
