@@ -19,7 +19,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,31 @@ def _model_dtype(model: Any) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout), then give every submodule back the exact mode
+    it had.
+
+    Why exact: ``model.train()`` would also switch on submodules that were meant to stay in
+    eval mode, such as a locked LiT tower or the base model under a freshly built
+    :class:`DebiasedCLIP` (a new ``nn.Module`` starts in train mode). A pretrained HF text
+    tower has dropout, so every embedding computed afterwards would carry dropout noise.
+    """
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    modes = [m.training for m in modules]
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if modules:
+            for module, mode in zip(modules, modes, strict=True):
+                module.training = mode
+        elif was_training and hasattr(model, "train"):
+            model.train()
+
+
 @torch.no_grad()
 def encode_prompts(
     model: Any, tokenizer: Callable, prompts: Sequence[str], device: torch.device, chunk: int = 512
@@ -259,10 +285,11 @@ def encode_prompts(
     bar from 10 chunks on (a caption corpus for an SAE can take minutes on a CPU)."""
     starts = range(0, len(prompts), chunk)
     bar = tqdm(starts, desc="encoding prompts", unit="chunk", disable=len(starts) < 10 or None)
-    out = [
-        model.encode_text(tokenizer(list(prompts[i : i + chunk])).to(device), normalize=True)
-        for i in bar
-    ]
+    with eval_mode(model):
+        out = [
+            model.encode_text(tokenizer(list(prompts[i : i + chunk])).to(device), normalize=True)
+            for i in bar
+        ]
     return torch.cat(out).float()
 
 
@@ -540,10 +567,7 @@ def evaluate_model(
     for split in used:
         if splits.get(split) is None:
             raise ValueError(f"splits.{split}: expected shards for this split, got None")
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with eval_mode(model):
         start = time.perf_counter()
         metrics = BiasMetrics(spec).to(device)
         text = encode_text_side(model, tokenizer, spec, device)
@@ -576,9 +600,6 @@ def evaluate_model(
         report = _compute_report(metrics, spec, splits, used)
         report["seconds"] = round(time.perf_counter() - start, 2)
         return report
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
 
 
 def _f(x: Tensor | float) -> float:

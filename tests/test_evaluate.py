@@ -24,7 +24,14 @@ from fairclip.data.shards import list_shards, write_shards
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
 from fairclip.debias.orth import OrthProj
 from fairclip.debias.pipeline import DebiasedCLIP
-from fairclip.evaluate import EvalSpec, ImageCache, evaluate_model, resolve_splits, run
+from fairclip.evaluate import (
+    EvalSpec,
+    ImageCache,
+    encode_prompts,
+    evaluate_model,
+    resolve_splits,
+    run,
+)
 from fairclip.model.factory import create_model
 from fairclip.report import flatten_metrics, load_report
 from tests.conftest import compose_eval
@@ -249,6 +256,37 @@ def test_image_cache_serves_text_side_models_without_reencoding(synthetic_dir: P
         assert cached[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
     # the projection changed the text side, so the comparison above is not base vs base
     assert any(abs(base[k] - v) > 1e-3 for k, v in uncached.items() if k in base)
+
+
+def test_evaluation_leaves_every_submodule_in_the_mode_it_had(synthetic_dir: Path) -> None:
+    """Evaluating a fresh DebiasedCLIP (an nn.Module, so in train mode) must not switch its
+    eval-mode base model to train mode: with a dropout text tower (MiniLM) every embedding the
+    comparison table fits a method on afterwards would carry dropout noise. A model with a
+    locked tower kept in eval mode keeps it there too, and prompts encode without dropout."""
+    torch.manual_seed(1)
+    bundle = create_model("fairclip-tiny")
+    base = bundle.model.eval()
+    wrapped = DebiasedCLIP(base, bundle.name)
+    assert wrapped.training and not base.training
+    spec = EvalSpec.from_config(PROMPTS, ATTRS, CONCEPTS, skew_ks=KS)
+    splits = resolve_splits(str(synthetic_dir / "eval"))
+    evaluate_model(wrapped, bundle.tokenizer, bundle.preprocess_val, spec, splits,
+                   batch_size=BATCH, num_workers=0, progress=False)  # fmt: skip
+    assert wrapped.training
+    assert not any(m.training for m in base.modules())
+
+    base.train()
+    base.visual.eval()  # a locked LiT tower
+    encode_prompts(base, bundle.tokenizer, ["a photo of a nurse."], torch.device("cpu"))
+    assert base.training and not any(m.training for m in base.visual.modules())
+    assert all(m.training for m in base.transformer.modules())
+
+    dropout = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    dropout.encode_text = lambda x, normalize=False: dropout(x)
+    tokens = torch.ones(3, 4)
+    first = encode_prompts(dropout, lambda p: tokens[: len(p)], ["a", "b", "c"], "cpu")
+    again = encode_prompts(dropout, lambda p: tokens[: len(p)], ["a", "b", "c"], "cpu")
+    assert torch.equal(first, again) and dropout.training
 
 
 @pytest.fixture(scope="module")
