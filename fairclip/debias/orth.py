@@ -93,7 +93,7 @@ def score_gap_split(
     (``t_c U Uᵀ Δ``: the prompts' lean, all Orth-Proj removes and the part SEM targets) and
     the rest (how the image tower places the groups along everything else the prompt reads).
     ``offset`` = −Σ lean·rest / Σ lean² is the share of the lean the rest cancels. Near 1 (an
-    image tower trained on balanced data against a biased locked text tower: 0.97 measured)
+    image tower trained on balanced data against a biased locked text tower: 0.93 measured)
     the model is fair only because the two cancel, and a text-side edit that removes the lean
     exposes the rest: the gap flips. Values between (0.4-0.7 on the other demo models) did
     not predict whether text-side methods help. Means of |·| over classes and values with images
