@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 $(DATA)/train/sizes.json: | venv
-	$(BIN)/fairclip-data synthetic out=$(DATA)
+	$(BIN)/fairclip-data source=synthetic out=$(DATA)
 
 demo: venv $(DATA)/train/sizes.json
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA))
@@ -29,12 +29,12 @@ demo: venv $(DATA)/train/sizes.json
 # tower fine-tuned on the biased split.
 BALANCED := $(dir $(DATA))synthetic_balanced
 $(BALANCED)/train/sizes.json: | venv
-	$(BIN)/fairclip-data synthetic out=$(BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7
+	$(BIN)/fairclip-data source=synthetic out=$(BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7
 
 demo-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	rm -rf logs/demo_balanced logs/demo_lit  # fixed run dirs: a rerun rebuilds them
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_balanced
-	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
+	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
 
 # The spurious-background demo (Waterbirds-style; README): as demo-lit, on data whose
 # background colour family is named in captions and, in the biased split, tied to the
@@ -42,30 +42,30 @@ demo-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 SPURIOUS := $(dir $(DATA))synthetic_spurious
 SPURIOUS_BALANCED := $(dir $(DATA))synthetic_spurious_balanced
 $(SPURIOUS)/train/sizes.json: | venv
-	$(BIN)/fairclip-data synthetic out=$(SPURIOUS) synthetic.spurious_rate=0.9 synthetic.background_word_rate=0.5
+	$(BIN)/fairclip-data source=synthetic out=$(SPURIOUS) synthetic.spurious_rate=0.9 synthetic.background_word_rate=0.5
 $(SPURIOUS_BALANCED)/train/sizes.json: | venv
-	$(BIN)/fairclip-data synthetic out=$(SPURIOUS_BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7 synthetic.background_word_rate=0.5
+	$(BIN)/fairclip-data source=synthetic out=$(SPURIOUS_BALANCED) "splits=[train]" synthetic.association=0.5 synthetic.male_share=0.5 synthetic.seed=7 synthetic.background_word_rate=0.5
 
 demo-spurious: venv $(SPURIOUS)/train/sizes.json $(SPURIOUS_BALANCED)/train/sizes.json
 	rm -rf logs/demo_spurious_balanced logs/demo_spurious  # fixed run dirs: a rerun rebuilds them
 	$(BIN)/fairclip-train experiment=demo data=synthetic_spurious paths.data_dir=$(dir $(DATA)) data.train_shards=$(SPURIOUS_BALANCED)/train trainer.max_epochs=10 hydra.run.dir=logs/demo_spurious_balanced
-	$(BIN)/fairclip-train experiment=demo_lit data=synthetic_spurious paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_spurious_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_spurious
-	$(BIN)/fairclip-debias model=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
+	$(BIN)/fairclip-train experiment=demo_lit data=synthetic_spurious paths.data_dir=$(dir $(DATA)) model.pretrained=logs/demo_spurious_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_spurious
+	$(BIN)/fairclip-debias model.name=logs/demo_spurious/export data=synthetic_spurious paths.data_dir=$(dir $(DATA)) attribute=background sae_train.caption_samples=20000 "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_spurious/compare
 
 # The pretrained-text demo (conf/experiment/demo_minilm.yaml): the real all-MiniLM-L6-v2 as a
 # locked text tower, the tiny image tower trained on the balanced split; then the SEM table.
 demo-minilm: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	rm -rf logs/demo_minilm  # a fixed run dir: a rerun rebuilds it
 	$(BIN)/fairclip-train experiment=demo_minilm paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_minilm
-	$(BIN)/fairclip-debias model=logs/demo_minilm paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm/compare
+	$(BIN)/fairclip-debias model.name=logs/demo_minilm paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm/compare
 
 # The pretrained-text LiT demo (README): demo-minilm's image tower locked, the MiniLM text
 # tower fine-tuned on the biased split, then the debiasing table.
 demo-minilm-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	test -f logs/demo_minilm/export/open_clip_model.safetensors || $(BIN)/fairclip-train experiment=demo_minilm paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_minilm
 	rm -rf logs/demo_minilm_lit  # a fixed run dir: a rerun rebuilds it
-	$(BIN)/fairclip-train experiment=demo_minilm_lit paths.data_dir=$(dir $(DATA)) model.model.pretrained=logs/demo_minilm/export/open_clip_model.safetensors hydra.run.dir=logs/demo_minilm_lit
-	$(BIN)/fairclip-debias model=logs/demo_minilm_lit paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm_lit/compare
+	$(BIN)/fairclip-train experiment=demo_minilm_lit paths.data_dir=$(dir $(DATA)) model.pretrained=logs/demo_minilm/export/open_clip_model.safetensors hydra.run.dir=logs/demo_minilm_lit
+	$(BIN)/fairclip-debias model.name=logs/demo_minilm_lit paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" hydra.run.dir=logs/demo_minilm_lit/compare
 
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10
@@ -82,7 +82,7 @@ test-slurm: venv
 	FAIRCLIP_TEST_SLURM=1 $(BIN)/pytest -m slurm tests/test_slurm.py
 
 lint: venv
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fairclip.debias.sae import SAEConfig, lr_schedule, sae_metrics, train_sae
+from fairclip.sae import SAEConfig, lr_schedule, sae_metrics, train_sae
 
 
 def clip_like_embeddings(

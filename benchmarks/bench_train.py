@@ -42,7 +42,7 @@ def old_webdataset() -> Path:
 
 def make_shards(out: Path, samples: int, shard_size: int) -> Path:
     subprocess.run(
-        [str(BIN / "fairclip-data"), "synthetic", f"out={out}", f"train_size={samples}",
+        [str(BIN / "fairclip-data"), "source=synthetic", f"out={out}", f"train_size={samples}",
          f"shard_size={shard_size}", "eval_size=48", "eval_shard_size=48", "splits=[train,eval]"],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -63,16 +63,16 @@ def run_fairclip(data: Path, out: Path, args: argparse.Namespace, *extra: str) -
         "trainer.log_every_n_steps=10",
         "logger=csv",
         "export=false",
-        "model.warmup_steps=50",
+        "module.warmup_steps=50",
         f"hydra.run.dir={out}",
         *extra,
     ]
     subprocess.run(cmd, check=True, capture_output=True)
     with open(out / "csv" / "metrics.csv") as f:
+        # Lightning's ThroughputMonitor: all ranks' rate on >1 device, else the device's
+        key = "train/device/samples_per_sec"
         rates = [
-            float(r["train/samples_per_s"])
-            for r in csv.DictReader(f)
-            if r.get("train/samples_per_s")
+            float(r.get("train/samples_per_sec") or r[key]) for r in csv.DictReader(f) if r.get(key)
         ]
     return statistics.mean(rates[1:]) if len(rates) > 1 else rates[0]
 

@@ -4,6 +4,7 @@ run ids that stay stable across DDP processes, Slurm requeues and sweeps."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import netrc
 import os
@@ -22,7 +23,17 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+def _conf_dir() -> str:
+    """The installed ``fairclip.conf`` package (a wheel or an editable install); in a source
+    tree that is on ``sys.path`` but not installed, the repository's ``conf/``."""
+    spec = importlib.util.find_spec("fairclip.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 RUN_ID_ENV = "FAIRCLIP_RUN_ID"
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,20 +15,38 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from fairclip.data.cli import main as data_main
+from fairclip.cli.data import main as data_main
 from fairclip.runtime import CONF_DIR
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def run_app(main: Callable[[], Any], args: Sequence[str]) -> Any:
+    """Run a fairclip Hydra app (``fairclip.cli.*.main``) in this process, as its console
+    script would with ``args``; an error propagates as the original exception."""
+    GlobalHydra.instance().clear()
+    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv, os.environ["HYDRA_FULL_ERROR"] = ["fairclip-app", *args], "1"
+    try:
+        return main()
+    finally:
+        sys.argv = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4k biased train samples in 16 shards, balanced eval and val splits, a neutral split."""
     out = tmp_path_factory.mktemp("synthetic")
-    data_main(
+    run_app(
+        data_main,
         [
-            "synthetic",
+            "source=synthetic",
             f"out={out}",
             "train_size=4000",
             "shard_size=250",
@@ -35,7 +55,7 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "neutral_size=120",
             "val_size=240",
             "synthetic.association=0.9",
-        ]
+        ],
     )
     return out
 
@@ -99,7 +119,7 @@ def trained_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """One demo run shared by the evaluation tests, on the biased fixture data (association
     0.9), with the bias-eval callback and the offline wandb logger. Its run dir holds
     checkpoints/last.ckpt, export/, bias_eval/report.* and wandb/offline-run-*."""
-    from fairclip.train import train
+    from fairclip.training import train
 
     out = tmp_path_factory.mktemp("trained_run")
     overrides = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -15,11 +14,11 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from fairclip.cli.data import main as data_main
 from fairclip.data.adapters import ADAPTERS
-from fairclip.data.cli import main as data_main
 from fairclip.data.shards import list_shards
-from fairclip.evaluate import run
-from tests.conftest import compose_eval
+from fairclip.eval.run import evaluate_config as run
+from tests.conftest import compose_eval, run_app
 
 FAIRFACE_CSV = Path("/work/shared/data/fairface_label_val.csv")
 EVERY = 7  # tiny images for every 7th FairFace row; the rest are missing on purpose
@@ -42,10 +41,14 @@ def tiny_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> dict[str, int]:
-    """`fairclip-data ...`; returns the counts it prints."""
-    data_main(list(args))
-    return yaml.safe_load(capsys.readouterr().out)["samples"]
+def run_cli(capsys: pytest.CaptureFixture, *args: str, stderr: list[str] | None = None) -> dict:
+    """`fairclip-data source=<args[0]> <args[1:]>`; returns the counts it prints on stdout (its
+    log goes to stderr, appended to ``stderr`` when given)."""
+    run_app(data_main, [f"source={args[0]}", *args[1:]])
+    captured = capsys.readouterr()
+    if stderr is not None:
+        stderr.append(captured.err)
+    return yaml.safe_load(captured.out)["samples"]
 
 
 def read_labels(folder: Path) -> dict[str, dict]:
@@ -53,8 +56,8 @@ def read_labels(folder: Path) -> dict[str, dict]:
     return {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)}
 
 
-def test_registry_matches_datagen_configs() -> None:
-    conf = Path(__file__).parent.parent / "conf" / "datagen"
+def test_registry_matches_source_configs() -> None:
+    conf = Path(__file__).parent.parent / "conf" / "source"
     for name in ADAPTERS:
         text = (conf / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_"), name
@@ -160,7 +163,7 @@ def test_compare_debiases_the_occupation_queries_on_fairface(
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from fairclip.debias.compare import run as compare
+    from fairclip.eval.method_table import compare_methods as compare
     from fairclip.runtime import CONF_DIR
 
     shards = fairface_shards(fairface, capsys)
@@ -171,7 +174,7 @@ def test_compare_debiases_the_occupation_queries_on_fairface(
             return compose(
                 config_name="debias_compare",
                 overrides=[
-                    f"model_path={trained_run}", "data=fairface", "prompts=fairface",
+                    f"model.name={trained_run}", "data=fairface", "prompts=fairface",
                     "debias=social", f"data.val_shards={shards}", f"output_dir={out}",
                     "sae_train.epochs=50", "methods=[clip,orth_proj,sem_b,sem_i]",
                     "wandb.enabled=false", *extra,
@@ -199,8 +202,8 @@ def test_compare_debiases_the_occupation_queries_on_fairface(
         if attribute == "gender":  # the same weights by architecture name + weights file
             by_name = compare(cfg(
                 tmp_path / "by_name", "query_set=occupations", "methods=[clip]",
-                "model_path=fairclip-tiny",
-                f"pretrained={trained_run}/export/open_clip_model.safetensors",
+                "model.name=fairclip-tiny",
+                f"model.pretrained={trained_run}/export/open_clip_model.safetensors",
             ))  # fmt: skip
             assert by_name["rows"]["clip"] == pytest.approx(rows["clip"], nan_ok=True)
 
@@ -218,7 +221,7 @@ def test_debias_sets_must_name_the_datasets_groups() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from fairclip.debias.compare import CompareContext
+    from fairclip.eval.method_context import MethodContext as CompareContext
     from fairclip.runtime import CONF_DIR
 
     def bias_prompts(debias: str) -> dict:
@@ -226,7 +229,7 @@ def test_debias_sets_must_name_the_datasets_groups() -> None:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
             cfg = compose(
                 config_name="debias_compare",
-                overrides=["model_path=unused", "data=utkface", "prompts=utkface",
+                overrides=["model.name=unused", "data=utkface", "prompts=utkface",
                            f"debias={debias}", "attribute=race"],
             )  # fmt: skip
         return CompareContext(cfg, None, torch.device("cpu")).bias_prompts()  # type: ignore[arg-type]
@@ -258,7 +261,7 @@ def test_fairface_bad_label_names_the_line(tmp_path: Path, capsys: pytest.Captur
 
 # -- UTKFace: labels in the file names ------------------------------------------------------------
 def test_utkface_parses_names_and_skips_malformed_ones(
-    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     valid = {
         "1_0_0_20161219140623097.jpg.chip.jpg": ("male", "white", "0-2", 1),
@@ -278,11 +281,11 @@ def test_utkface_parses_names_and_skips_malformed_ones(
     images.mkdir()
     for name in [*valid, *malformed]:
         (images / name).write_bytes(tiny_jpeg())
-    with caplog.at_level(logging.WARNING):
-        counts = run_cli(capsys, "utkface", f"images={images}", f"out={tmp_path}/out")
+    err: list[str] = []
+    counts = run_cli(capsys, "utkface", f"images={images}", f"out={tmp_path}/out", stderr=err)
     assert counts["test"] == 5 and counts["malformed_labels"] == 5
     assert counts["gender=female"] == 3 and counts["race=others"] == 1 and counts["age=70+"] == 1
-    assert "skipping 5 file(s)" in caplog.text and "39_1_20170116174525125" in caplog.text
+    assert "skipping 5 file(s)" in err[0] and "39_1_20170116174525125" in err[0]
     labels = read_labels(tmp_path / "out" / "test")
     for name, (gender, race, age, years) in valid.items():
         key = name.split(".", 1)[0]

@@ -144,7 +144,7 @@ def test_train_with_balance_m4_uses_balanced_shards_and_logs_report(
 ) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    from fairclip.train import build
+    from fairclip.training import build
     from tests.conftest import compose_train, small_run_overrides
 
     overrides = [o for o in small_run_overrides(synthetic_dir) if o != "logger=csv"]

@@ -22,16 +22,13 @@ from PIL import Image
 from fairclip.callbacks.bias_eval import BiasEvalCallback
 from fairclip.data.shards import list_shards, write_shards
 from fairclip.data.synthetic import CONCEPTS, SyntheticConfig, generate_samples
+from fairclip.debias.debiased_clip import DebiasedCLIP
 from fairclip.debias.orth import OrthProj
-from fairclip.debias.pipeline import DebiasedCLIP
-from fairclip.evaluate import (
-    EvalSpec,
-    ImageCache,
-    encode_prompts,
-    evaluate_model,
-    resolve_splits,
-    run,
-)
+from fairclip.eval.encoding import ImageCache
+from fairclip.eval.run import evaluate_config as run
+from fairclip.eval.run import evaluate_model
+from fairclip.eval.spec import EvalSpec, resolve_splits
+from fairclip.model.encode import encode_prompts
 from fairclip.model.factory import create_model
 from fairclip.report import flatten_metrics, load_report
 from tests.conftest import compose_eval

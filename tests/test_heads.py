@@ -9,16 +9,14 @@ import open_clip
 import pytest
 import torch
 
-from fairclip.debias.heads import (
-    HeadMeanAblation,
-    decompose,
-    head_shape,
-    layer_matched_random,
-    main,
-    top_heads,
-)
-from fairclip.debias.pipeline import VISION_PATCHES, DebiasedCLIP
-from fairclip.model.factory import create_model, load_model
+from fairclip.cli.heads import main
+from fairclip.debias.debiased_clip import DebiasedCLIP
+from fairclip.debias.head_ablation import HeadMeanAblation
+from fairclip.debias.head_attribution import decompose, head_shape, layer_matched_random, top_heads
+from fairclip.debias.registry import component_class
+from fairclip.loading import load_model
+from fairclip.model.factory import create_model
+from tests.conftest import run_app
 
 
 def _check_sum(model: torch.nn.Module, images: torch.Tensor) -> None:
@@ -62,7 +60,7 @@ def test_mean_ablation_patch_basics() -> None:
             changed = model.visual(x)
         assert not torch.allclose(changed, ref, atol=1e-4)
         assert torch.allclose(model.visual(x), ref)  # hooks removed on exit
-    assert VISION_PATCHES["head_mean_ablation"] is HeadMeanAblation
+    assert component_class("head_mean_ablation") is HeadMeanAblation
     with (
         pytest.raises(ValueError, match="out of range"),
         HeadMeanAblation([(7, 0)], torch.zeros(1, 65, 32)).patch(model.visual),
@@ -87,10 +85,11 @@ def test_audit_top_heads_beat_random_control(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "audit"
-    exit_value = main(
-        [str(demo_run), "--train-shards", str(synthetic_dir / "train"),
-         "--eval-shards", str(synthetic_dir / "eval"), "--out", str(out),
-         "--max-samples", "600", "--random-seeds", "0", "1"]
+    exit_value = run_app(
+        main,
+        [f"model.name={demo_run}", f"splits.train={synthetic_dir / 'train'}",
+         f"splits.eval={synthetic_dir / 'eval'}", f"hydra.run.dir={out}",
+         "heads.max_samples=600", "heads.random_seeds=[0,1]"],
     )  # fmt: skip
     for name in ("head_scores.png", "ablation.md", "ablation.json"):
         assert (out / name).stat().st_size > 0
@@ -113,7 +112,7 @@ def test_audit_top_heads_beat_random_control(
 
 
 def test_head_ablation_saves_and_loads(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
-    from fairclip.debias.heads import build_head_ablation
+    from fairclip.debias.head_ablation import build_head_ablation
 
     bundle = load_model(str(demo_run))
     context = {
@@ -121,10 +120,8 @@ def test_head_ablation_saves_and_loads(demo_run: Path, synthetic_dir: Path, tmp_
         "attributes": {"gender": ["female", "male"], "age": ["young", "middle-aged", "old"]},
         "concepts": ["doctor", "nurse", "engineer", "teacher", "pilot", "dancer", "chef",
                      "baker"],
-        "max_samples": 300,
-        "head_score": "probe",
     }  # fmt: skip
-    model = build_head_ablation(bundle, context)
+    model = build_head_ablation(bundle, context, max_samples=300, head_score="probe")
     assert isinstance(model, DebiasedCLIP) and len(model.vision_patches) == 1
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
@@ -138,14 +135,12 @@ def test_head_ablation_saves_and_loads(demo_run: Path, synthetic_dir: Path, tmp_
     assert torch.allclose(before, after, atol=1e-6)
 
 
-def test_audit_flags_are_checked_before_any_work(
-    synthetic_dir: Path, capsys: pytest.CaptureFixture
-) -> None:
-    shards = ["--train-shards", str(synthetic_dir / "train"), "--eval-shards", "/nope"]
-    with pytest.raises(FileNotFoundError, match=r"^--eval-shards: 1 shard\(s\) not found"):
-        main(["unused-model", *shards])
-    for bad, said in ((["--num-heads", "0"], "argument --num-heads: '0': expected a positive"),
-                      (["--data", "synthetc"], "argument --data: invalid choice: 'synthetc'")):  # fmt: skip
-        with pytest.raises(SystemExit):
-            main(["unused-model", *shards, *bad])
-        assert said in capsys.readouterr().err
+def test_audit_settings_are_checked_before_any_work(synthetic_dir: Path, tmp_path: Path) -> None:
+    shards = [f"splits.train={synthetic_dir / 'train'}", "splits.eval=/nope",
+              "model.name=unused-model", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"^splits.eval: 1 shard\(s\) not found"):
+        run_app(main, shards)
+    for bad, said in ((["heads.num_heads=0"], "heads.num_heads=0: expected a positive integer"),
+                      (["data=synthetc"], "Could not find 'data/synthetc'")):  # fmt: skip
+        with pytest.raises(Exception, match=said):
+            run_app(main, [*shards, *bad])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fairclip.callbacks.joint import JointHeadsCallback
+from fairclip.debias.debiased_clip import DebiasedCLIP
 from fairclip.debias.joint import (
     SELECT_KEY,
     JointHeads,
@@ -27,9 +29,11 @@ from fairclip.debias.joint import (
     fit_joint_heads,
     headline,
 )
-from fairclip.debias.pipeline import INTERVENTIONS, DebiasedCLIP
-from fairclip.evaluate import EvalSpec, evaluate_model, resolve_splits
-from fairclip.model.factory import create_model, load_model
+from fairclip.debias.registry import COMPONENTS, component_class
+from fairclip.eval.run import evaluate_model
+from fairclip.eval.spec import EvalSpec, resolve_splits
+from fairclip.loading import load_model
+from fairclip.model.factory import create_model
 from fairclip.runtime import CONF_DIR
 from tests.conftest import compose_train, run_train_process, small_run_overrides
 
@@ -54,7 +58,8 @@ def test_untrained_heads_are_identity_and_registered() -> None:
     f = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
     v, t = heads.encode(f, f)
     assert torch.allclose(v, f, atol=1e-6) and torch.allclose(t, f, atol=1e-6)
-    assert {"joint_text", "joint_image"} <= set(INTERVENTIONS)
+    assert {"joint_text", "joint_image"} <= set(COMPONENTS)
+    assert all(component_class(kind).kind == kind for kind in COMPONENTS)
     with pytest.raises(ValueError, match="variant"):
         JointHeads(16, 32, "both")
 
@@ -146,20 +151,21 @@ def test_joint_heads_lower_skew_keep_accuracy(demo: dict, synthetic_dir: Path) -
         spec,
     )  # fmt: skip
     results = {}
+    evaluate = functools.partial(
+        evaluate_model, tokenizer=bundle.tokenizer, preprocess=bundle.preprocess_val, spec=spec,
+        splits=splits, num_workers=0, progress=False,
+    )  # fmt: skip
     for variant in ("joint", "image", "text"):
         heads, history = fit_joint_heads(
             bundle.model, bundle.tokenizer, bundle.preprocess_val, synthetic_dir / "train",
-            ATTRIBUTES, CONCEPTS, spec=spec, splits=splits, variant=variant, epochs=6, lr=5e-3,
+            ATTRIBUTES, CONCEPTS, spec=spec, evaluate=evaluate, variant=variant, epochs=6, lr=5e-3,
             pairs=demo["pairs"],
         )  # fmt: skip
         assert len(history) == 6
         best = max(h[SELECT_KEY] for h in history)
         from fairclip.debias.joint import _CachedEncoder
 
-        final = evaluate_heads(
-            _CachedEncoder(bundle.model), heads, bundle.tokenizer, bundle.preprocess_val, spec,
-            splits,
-        )  # fmt: skip
+        final = evaluate_heads(_CachedEncoder(bundle.model), heads, evaluate, spec)
         assert final[SELECT_KEY] == pytest.approx(best, abs=1e-6)  # best epoch restored
         results[variant] = final
     print(json.dumps({"base": base, **results}, indent=1))
@@ -182,13 +188,11 @@ def test_debiased_clip_with_joint_heads_saves_and_loads(
         "train_shards": str(synthetic_dir / "train"),
         "attributes": ATTRIBUTES,
         "concepts": CONCEPTS,
-        "epochs": 2,
-        "max_samples": 500,
     }
-    model = build_joint(bundle, context)
+    model = build_joint(bundle, context, epochs=2, max_samples=500)
     assert isinstance(model, DebiasedCLIP) and len(model.text) == len(model.image) == 1
     # the loss knobs reach the trainer: alpha=1 (L_cd only) fits other heads
-    cd_only = build_joint(bundle, {**context, "alpha": 1.0})
+    cd_only = build_joint(bundle, context, epochs=2, max_samples=500, alpha=1.0)
     assert not torch.allclose(cd_only.text[0].mlp2[2].weight, model.text[0].mlp2[2].weight)
     images = torch.randn(4, 3, 32, 32)
     tokens = bundle.tokenizer(["a photo of a nurse.", "a man at work."])
@@ -238,7 +242,7 @@ def test_callback_config_and_both_modes(demo: dict, synthetic_dir: Path, tmp_pat
         mode="during", variant="image",
     )  # fmt: skip
     during.setup(trainer, module, "fit")
-    from fairclip.debias.heads import iter_batches
+    from fairclip.data.batches import iter_batches
 
     for i, batch in enumerate(
         iter_batches(synthetic_dir / "train", bundle.preprocess_val, bundle.tokenizer, ATTRIBUTES,
@@ -257,7 +261,7 @@ def test_during_reuses_the_training_steps_embeddings(
     """mode=during takes the image and caption embeddings the training step returned and runs
     only the counterfactual captions through the text tower; the heads it fits are those of
     encoding the batch again (a module that returns no embeddings)."""
-    from fairclip.debias.heads import iter_batches
+    from fairclip.data.batches import iter_batches
 
     prompts = compose_train(small_run_overrides(synthetic_dir, "callbacks=joint"), tmp_path)
     prompts = prompts.callbacks.joint.prompts
@@ -318,7 +322,7 @@ def test_during_reuses_the_training_steps_embeddings(
 def test_joint_during_a_real_fit(synthetic_dir: Path, tmp_path: Path) -> None:
     """`fairclip-train callbacks=joint callbacks.joint.mode=during`: the heads are stepped on
     every training batch of a real Lightning fit, logged, scored per epoch and saved."""
-    from fairclip.train import train
+    from fairclip.training import train
 
     overrides = small_run_overrides(
         synthetic_dir,

@@ -9,12 +9,12 @@ import open_clip
 import pytest
 import torch
 
+from fairclip.loading import load_model
 from fairclip.model.factory import (
     EXPORT_WEIGHTS,
     ModelKeys,
     create_model,
     export_open_clip,
-    load_model,
 )
 from fairclip.model.module import FairCLIPModule, split_weight_decay, warmup_cosine
 
@@ -28,9 +28,9 @@ def test_unknown_model_name_is_a_clear_error(tmp_path: Path) -> None:
         create_model("ViT-B-3")
     with pytest.raises(FileNotFoundError, match=r"model.pretrained=.*weights file not found"):
         create_model("fairclip-tiny", pretrained="/nonexistent/weights.safetensors")
-    # errors name the key of the entry point in use (training nests the model under model.model)
-    with pytest.raises(FileNotFoundError, match=r"^model.model.pretrained=.*weights file"):
-        create_model("fairclip-tiny", pretrained="/x.pt", keys=ModelKeys.under("model.model"))
+    # errors name the key of the entry point in use (a library caller may name its own)
+    with pytest.raises(FileNotFoundError, match=r"^encoder.pretrained=.*weights file"):
+        create_model("fairclip-tiny", pretrained="/x.pt", keys=ModelKeys.under("encoder"))
     wrong = tmp_path / "vit.safetensors"  # weights of another architecture
     export_open_clip(create_model("ViT-S-32").model, "ViT-S-32", tmp_path / "vit")
     shutil.copy(tmp_path / "vit" / EXPORT_WEIGHTS, wrong)
@@ -40,11 +40,11 @@ def test_unknown_model_name_is_a_clear_error(tmp_path: Path) -> None:
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match=r"^model.name='.*garbage.safetensors': not a safetensors"):
         load_model(str(garbage))
-    with pytest.raises(ValueError, match=r"^model.model.precision='fp17': expected one of"):
-        create_model("fairclip-tiny", precision="fp17", keys=ModelKeys.under("model.model"))
-    with pytest.raises(ValueError, match=r"model.loss='hinge'"):
+    with pytest.raises(ValueError, match=r"^model.precision='fp17': expected one of"):
+        create_model("fairclip-tiny", precision="fp17")
+    with pytest.raises(ValueError, match=r"module.loss='hinge'"):
         FairCLIPModule({"name": "fairclip-tiny"}, ["a"], ATTRS, loss="hinge")
-    with pytest.raises(ValueError, match=r"model.lr=-0.001: expected a positive"):
+    with pytest.raises(ValueError, match=r"module.lr=-0.001: expected a positive"):
         FairCLIPModule({"name": "fairclip-tiny"}, ["a"], ATTRS, lr=-0.001)
 
 
@@ -74,7 +74,7 @@ def test_export_reloads_in_open_clip_with_identical_embeddings(tmp_path: Path) -
     with torch.no_grad():
         torch.testing.assert_close(again.encode_image(images), ref[0], atol=1e-5, rtol=0)
     # an export of an export records the architecture, not the source folder, so its weights
-    # file still loads by name once the source is gone (fairclip-export <export dir> OUT)
+    # file still loads by name once the source is gone (fairclip-export model.name=<export dir> out=OUT)
     src = load_model(str(out))
     copy = export_open_clip(src.model, src.name, tmp_path / "copy")
     shutil.rmtree(out)

@@ -1,4 +1,4 @@
-"""Tests for the Matryoshka TopK SAE (fairclip.debias.sae) on synthetic sparse data.
+"""Tests for the Matryoshka TopK SAE (fairclip.sae) on synthetic sparse data.
 
 The data are sparse non-negative combinations of known unit atoms, so a good SAE must recover
 the atoms as decoder rows. 512 atoms in d=128 with 4 active per row: in d=64 the best possible
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairclip.debias.sae import (
+from fairclip.sae import (
     MatryoshkaTopKSAE,
     SAEConfig,
     default_k_levels,

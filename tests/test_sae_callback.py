@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from fairclip.callbacks.sae import SAECallback
-from fairclip.debias.sae import load_sae, sae_metrics
-from fairclip.model.factory import load_model
+from fairclip.loading import load_model
+from fairclip.sae import load_sae, sae_metrics
 from tests.conftest import compose_train, run_train_process, small_run_overrides
 
 
 @pytest.fixture(scope="module")
 def sae_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fairclip.train import train
+    from fairclip.training import train
 
     out = tmp_path_factory.mktemp("sae_run")
     overrides = small_run_overrides(
@@ -97,7 +97,7 @@ def test_compare_uses_the_run_sae(sae_run: Path, synthetic_dir: Path, tmp_path: 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from fairclip.debias.compare import run
+    from fairclip.eval.method_table import compare_methods as run
     from fairclip.runtime import CONF_DIR
 
     GlobalHydra.instance().clear()
@@ -105,7 +105,7 @@ def test_compare_uses_the_run_sae(sae_run: Path, synthetic_dir: Path, tmp_path: 
         cfg = compose(
             config_name="debias_compare",
             overrides=[
-                f"model_path={sae_run}",
+                f"model.name={sae_run}",
                 f"data.val_shards={synthetic_dir}/eval",
                 f"output_dir={tmp_path}",
                 "methods=[sem_b]",
@@ -163,7 +163,7 @@ def test_requeued_run_continues_the_during_training_sae(
     state and the batch count, so the resumed run updates at the uninterrupted run's steps and
     goes on training the same SAE (a fresh one would restart at 2 Adam steps, at step 9)."""
     from fairclip.cluster import SlurmRequeue
-    from fairclip.train import build
+    from fairclip.training import build
 
     monkeypatch.setattr("fairclip.cluster.requeue_slurm_job", lambda: True)
     overrides = [

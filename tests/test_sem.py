@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,16 +14,28 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, open_dict
 
+from fairclip.data.prompts import expand_prompts
 from fairclip.data.shards import read_captions, write_shards
 from fairclip.data.synthetic import SyntheticConfig, generate_samples
-from fairclip.debias.compare import METHODS, CompareContext, expand_prompts, register_method, run
+from fairclip.debias.debiased_clip import DebiasedCLIP
 from fairclip.debias.orth import fit_orth_proj, score_gap_split
-from fairclip.debias.pipeline import DebiasedCLIP
-from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig
-from fairclip.debias.sem import SEM, bias_score, content_score, fit_sem, flagged_lean_share
-from fairclip.model.factory import load_model
+from fairclip.debias.sem import (
+    SEM,
+    bias_score,
+    build_sem,
+    content_score,
+    fit_sem,
+    flagged_lean_share,
+)
+from fairclip.eval import method_table
+from fairclip.eval.method_context import MethodContext
+from fairclip.eval.method_table import compare_methods as run
+from fairclip.loading import load_model
 from fairclip.runtime import CONF_DIR
+from fairclip.sae import MatryoshkaTopKSAE, SAEConfig
 
 torch.set_num_threads(1)
 
@@ -178,7 +191,7 @@ def _compare_cfg(run_dir: Path, synthetic_dir: Path, out: Path, *extra: str):
         return compose(
             config_name="debias_compare",
             overrides=[
-                f"model_path={run_dir}",
+                f"model.name={run_dir}",
                 f"data.val_shards={synthetic_dir}/eval",
                 f"output_dir={out}",
                 "table_k=10",  # the fixture's eval split has 60 images per concept
@@ -267,7 +280,7 @@ def test_compare_on_the_spurious_background(
         rows["clip"]["worst_class_group_acc"]
     )
     assert abs(rows["orth_proj"]["class_lean"]) < 1e-3  # the background direction is gone
-    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    ctx = MethodContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
     assert list(ctx.bias_prompts()) == ["background"]
 
 
@@ -276,20 +289,26 @@ def test_compare_over_seeds_reports_the_mean_and_the_spread(
 ) -> None:
     """seeds=[0,1]: SEM's SAE is retrained per seed, the table is the mean of the seeds."""
     built: list[str] = []
-    for name in ("clip", "sem_b"):
-        builder = METHODS[name]
-        monkeypatch.setitem(
-            METHODS, name, lambda b, c, n=name, f=builder: built.append(n) or f(b, c)
-        )
-    encoded: list[int] = []  # sizes of the SAE corpus encodings
-    make_sae = CompareContext._load_or_train_sae
+    builders = method_table.method_builders
 
-    def counting(ctx: CompareContext) -> MatryoshkaTopKSAE:
+    def counting_builds(cfg: DictConfig) -> dict[str, method_table.Method]:
+        return {
+            name: dataclasses.replace(
+                m, build=lambda b, c, n=name, f=m.build: built.append(n) or f(b, c)
+            )
+            for name, m in builders(cfg).items()
+        }
+
+    monkeypatch.setattr(method_table, "method_builders", counting_builds)
+    encoded: list[int] = []  # sizes of the SAE corpus encodings
+    make_sae = MethodContext._load_or_train_sae
+
+    def counting(ctx: MethodContext) -> MatryoshkaTopKSAE:
         encode = ctx.encode
         ctx.encode = lambda prompts: encoded.append(len(prompts)) or encode(prompts)
         return make_sae(ctx)
 
-    monkeypatch.setattr(CompareContext, "_load_or_train_sae", counting)
+    monkeypatch.setattr(MethodContext, "_load_or_train_sae", counting)
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path, "methods=[clip,sem_b]", "seeds=[0,1]",
         "sae_train.epochs=60",
@@ -326,7 +345,7 @@ def test_sae_corpus_adds_the_training_captions(
         demo_run, synthetic_dir, tmp_path, f"data.train_shards={tmp_path}/c",
         "sae_train.caption_samples=200", "sae_train.epochs=2",
     )  # fmt: skip
-    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    ctx = MethodContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
     captions = read_captions(tmp_path / "c", 200)
     assert len(captions) == 200
     templates = set(ctx.prompt_list("sae_corpus")) | set(ctx.prompt_list("reference_prompts"))
@@ -340,7 +359,7 @@ def test_sae_corpus_adds_the_training_captions(
     write_shards(no_text, tmp_path / "n", "n", progress=False)
     cfg.data.train_shards = str(tmp_path / "n")
     with pytest.raises(ValueError, match=r"caption_samples=200: data.train_shards=.* no .txt"):
-        _ = CompareContext(cfg, ctx.bundle, torch.device("cpu")).sae
+        _ = MethodContext(cfg, ctx.bundle, torch.device("cpu")).sae
 
 
 def test_sae_corpus_file_adds_its_lines(
@@ -354,7 +373,7 @@ def test_sae_corpus_file_adds_its_lines(
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path, f"sae_train.corpus_file={corpus}", "sae_train.epochs=2"
     )
-    ctx = CompareContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
+    ctx = MethodContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
     templates = set(ctx.prompt_list("sae_corpus")) | set(ctx.prompt_list("reference_prompts"))
     assert ctx.sae.cfg.n_latents == 256
     assert ctx.sae_info["corpus_prompts"] == len(templates) + len(lines)
@@ -372,7 +391,7 @@ def test_sae_corpus_file_adds_its_lines(
             path.write_bytes(content)
         cfg.sae_train.corpus_file = str(path)
         with pytest.raises(error, match=match):
-            _ = CompareContext(cfg, ctx.bundle, torch.device("cpu")).sae
+            _ = MethodContext(cfg, ctx.bundle, torch.device("cpu")).sae
 
 
 def test_compare_reports_skew_by_ranking_depth(table: dict) -> None:
@@ -416,8 +435,8 @@ def test_sem_saves_and_loads_identically(table: dict, demo_run: Path) -> None:
 def test_sem_roundtrip_exact(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
     bundle = load_model(str(demo_run))
     cfg = _compare_cfg(demo_run, synthetic_dir, tmp_path, "sae_train.epochs=20")
-    ctx = CompareContext(cfg, bundle, torch.device("cpu"), run_dir=demo_run)
-    model = METHODS["sem_bi"](bundle, ctx)
+    ctx = MethodContext(cfg, bundle, torch.device("cpu"), run_dir=demo_run)
+    model = build_sem(bundle, ctx, "bi")
     orth = fit_orth_proj(ctx.encode, ctx.bias_prompts(), rel_tol=0.0)
     model.text.append(orth)
     model.save(tmp_path / "m")
@@ -443,53 +462,54 @@ def test_sem_roundtrip_exact(demo_run: Path, synthetic_dir: Path, tmp_path: Path
         ctx.bias_prompts()
     # the class-lean column measures the table's attribute whatever the methods debias
     cfg.debias_attributes = ["gender"]
-    expected, _ = CompareContext(cfg, bundle, torch.device("cpu")).lean_basis()
+    expected, _ = MethodContext(cfg, bundle, torch.device("cpu")).lean_basis()
     cfg.debias_attributes = ["background"]
-    directions, _ = CompareContext(cfg, bundle, torch.device("cpu")).lean_basis()
+    directions, _ = MethodContext(cfg, bundle, torch.device("cpu")).lean_basis()
     assert torch.equal(directions, expected) and directions.abs().sum() > 0
 
 
 def test_method_registry_and_errors(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    @register_method("_test_identity")
-    def _build(bundle, ctx):
-        return DebiasedCLIP(bundle.model, bundle.name)
-
-    try:
-        with pytest.raises(ValueError, match="methods: unknown"):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[nope]"))
-        with pytest.raises(FileNotFoundError, match=r"^pretrained='/nope.pt': weights file"):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model_path=fairclip-tiny", "pretrained=/nope.pt"))  # fmt: skip
-        with pytest.raises(ValueError, match=r"^model='ViT-B-3' .*ViT-B-32.*export dir>'\.$"):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model_path=ViT-B-3"))
-        with pytest.raises(ValueError, match="attribute="):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "attribute=race"))
-        with pytest.raises(ValueError, match="recall_k=0: expected a positive integer"):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "recall_k=0"))
-        bad_k = _compare_cfg(demo_run, synthetic_dir, tmp_path)
-        bad_k.table_k = "ten"
-        with pytest.raises(ValueError, match="table_k='ten': expected a positive integer"):
-            run(bad_k)
-        with pytest.raises(ValueError, match=r"skew_ks: expected positive integers, got 0"):
-            run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "skew_ks=[10,0]"))
-        with caplog.at_level(logging.WARNING, logger="fairclip.evaluate"):
-            result = run(
-                _compare_cfg(
-                    demo_run,
-                    synthetic_dir,
-                    tmp_path,
-                    "methods=[clip,_test_identity]",
-                    "skew_ks=[10,100000]",
-                )  # fmt: skip
-            )
-        assert "skew k=100000: the eval split" in caplog.text
-        assert result["depth_ks"] == [10, 100000]
-        assert result["depth"]["clip"]["maxskew@100000"] == 0.0  # the whole balanced split
-        assert result["rows"]["clip"] == result["rows"]["_test_identity"]
-        assert result["sae"] == {}  # no SEM row: no SAE trained
-    finally:
-        METHODS.pop("_test_identity")
+    with pytest.raises(MissingConfigException, match=r"Could not load 'methods/nope'"):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[nope]"))
+    malformed = _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[clip]")
+    malformed.methods.clip.build = {"epochs": 2}
+    with pytest.raises(ValueError, match=r"^methods.clip: expected \{seeded: bool, build"):
+        run(malformed)
+    with pytest.raises(FileNotFoundError, match=r"^model.pretrained='/nope.pt': weights file"):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model.name=fairclip-tiny", "model.pretrained=/nope.pt"))  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^model.name='ViT-B-3' .*ViT-B-32.*export dir>', or set model.config_file=<config.json>\.$",
+    ):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "model.name=ViT-B-3"))
+    with pytest.raises(ValueError, match="attribute="):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "attribute=race"))
+    with pytest.raises(ValueError, match="recall_k=0: expected a positive integer"):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "recall_k=0"))
+    bad_k = _compare_cfg(demo_run, synthetic_dir, tmp_path)
+    bad_k.table_k = "ten"
+    with pytest.raises(ValueError, match="table_k='ten': expected a positive integer"):
+        run(bad_k)
+    with pytest.raises(ValueError, match=r"skew_ks: expected positive integers, got 0"):
+        run(_compare_cfg(demo_run, synthetic_dir, tmp_path, "skew_ks=[10,0]"))
+    with caplog.at_level(logging.WARNING, logger="fairclip.eval.spec"):
+        cfg = _compare_cfg(
+            demo_run, synthetic_dir, tmp_path, "methods=[clip]", "skew_ks=[10,100000]"
+        )
+        # a method of the user's own: any builder, by its import path
+        with open_dict(cfg.methods):
+            cfg.methods._test_identity = {
+                "seeded": True,
+                "build": {"_target_": "tests.test_sem._build_identity", "_partial_": True},
+            }
+        result = run(cfg)
+    assert "skew k=100000: the eval split" in caplog.text
+    assert result["depth_ks"] == [10, 100000]
+    assert result["depth"]["clip"]["maxskew@100000"] == 0.0  # the whole balanced split
+    assert result["rows"]["clip"] == result["rows"]["_test_identity"]
+    assert result["sae"] == {}  # no SEM row: no SAE trained
 
 
 def test_joint_rows_select_their_epoch_on_the_held_out_split(
@@ -497,8 +517,8 @@ def test_joint_rows_select_their_epoch_on_the_held_out_split(
 ) -> None:
     """The eval split is reported, val/ beside it chooses the joint heads' epoch (no leak)."""
     fast = [
-        "+context.epochs=2",
-        "+context.max_samples=300",
+        "methods.joint_vl_text.build.epochs=2",
+        "methods.joint_vl_text.build.max_samples=300",
         f"data.train_shards={synthetic_dir}/train",
     ]
     cfg = _compare_cfg(demo_run, synthetic_dir, tmp_path, "methods=[joint_vl_text]", *fast)
@@ -523,11 +543,11 @@ def test_joint_rows_select_their_epoch_on_the_held_out_split(
 
 
 def test_fairclip_debias_command(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
-    """The installed `fairclip-debias` entry point: `model=` names the model, the rest are
-    Hydra overrides, and the table lands in the Hydra run dir."""
+    """The installed `fairclip-debias` entry point: `model.name=` names the model, as in every
+    app; the rest are Hydra overrides, and the table lands in the Hydra run dir."""
     out = tmp_path / "cli"
     cmd = [
-        str(Path(sys.executable).parent / "fairclip-debias"), f"model={demo_run}",
+        str(Path(sys.executable).parent / "fairclip-debias"), f"model.name={demo_run}",
         f"data.val_shards={synthetic_dir}/eval", "table_k=10", "methods=[clip,orth_proj]",
         "wandb.enabled=false", f"hydra.run.dir={out}",
     ]  # fmt: skip
@@ -540,3 +560,8 @@ def test_fairclip_debias_command(demo_run: Path, synthetic_dir: Path, tmp_path: 
         abs(result["rows"]["orth_proj"]["class_lean"]) < 0.1 * result["rows"]["clip"]["class_lean"]
     )
     assert "| orth_proj |" in proc.stdout
+
+
+def _build_identity(bundle, ctx) -> DebiasedCLIP:
+    """A method defined outside fairclip (test_method_registry_and_errors)."""
+    return DebiasedCLIP(bundle.model, bundle.name)

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from fairclip.cluster import AtomicCheckpointIO, SlurmRequeue, continue_csv_logs, resume_checkpoint
 from fairclip.runtime import RUN_ID_ENV, stable_id
-from fairclip.train import build
+from fairclip.training import build
 from tests.conftest import compose_train, small_run_overrides
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from fairclip.data.cli import main as data_main
-from fairclip.train import build, train
-from tests.conftest import compose_train, run_train_process, small_run_overrides
+from fairclip.cli.data import main as data_main
+from fairclip.training import build, train
+from tests.conftest import compose_train, run_app, run_train_process, small_run_overrides
 
 
 def last_metrics(output_dir: Path) -> dict[str, float]:
@@ -32,7 +32,7 @@ def last_metrics(output_dir: Path) -> dict[str, float]:
 def balanced_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
     """Same size as the biased fixture, but P(gender | concept) = 1/2."""
     out = tmp_path_factory.mktemp("balanced")
-    data_main(["synthetic", f"out={out}", "train_size=4000", "shard_size=250", "splits=[train]",
+    run_app(data_main, ["source=synthetic", f"out={out}", "train_size=4000", "shard_size=250", "splits=[train]",
                "synthetic.association=0.5", "synthetic.male_share=0.5"])  # fmt: skip
     os.symlink(synthetic_dir / "eval", out / "eval")
     return out
@@ -64,7 +64,7 @@ def test_demo_learns_concepts_and_shows_planted_bias(
 
 def test_resume_continues_step_count_and_lr_schedule(synthetic_dir: Path, tmp_path: Path) -> None:
     common = ["trainer.max_steps=8", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",
-              "trainer.limit_val_batches=1", "model.warmup_steps=2", "export=false"]  # fmt: skip
+              "trainer.limit_val_batches=1", "module.warmup_steps=2", "export=false"]  # fmt: skip
 
     # uninterrupted reference run
     ref_cfg = compose_train(small_run_overrides(synthetic_dir, *common), tmp_path / "ref")
@@ -121,10 +121,13 @@ def test_two_process_ddp_on_cpu_sees_disjoint_data(synthetic_dir: Path, tmp_path
     assert len(list(tmp_path.glob("**/.hydra/config.yaml"))) == 1
 
     # fairclip-export of the Lightning checkpoint equals the automatic end-of-training export
-    from fairclip.model.export import main as export_main
-    from fairclip.model.factory import load_model
+    from fairclip.cli.export import main as export_main
+    from fairclip.loading import load_model
 
-    export_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "from_ckpt")])
+    run_app(
+        export_main,
+        [f"model.name={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'from_ckpt'}"],
+    )
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a = load_model(str(tmp_path / "from_ckpt")).model.encode_image(images)
@@ -135,8 +138,8 @@ def test_two_process_ddp_on_cpu_sees_disjoint_data(synthetic_dir: Path, tmp_path
 def test_config_errors_name_the_key(synthetic_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException, match="model/nonexistent"):
         compose_train(["model=nonexistent"], tmp_path)
-    cfg = compose_train(small_run_overrides(synthetic_dir, "model.model.name=ViT-Q-99"), tmp_path)
-    with pytest.raises(ValueError, match=r"config key 'model'.*model.name='ViT-Q-99'"):
+    cfg = compose_train(small_run_overrides(synthetic_dir, "model.name=ViT-Q-99"), tmp_path)
+    with pytest.raises(ValueError, match=r"config key 'module'.*model.name='ViT-Q-99'"):
         build(cfg)
     cfg = compose_train(small_run_overrides(synthetic_dir, "data.batch_size=0"), tmp_path)
     with pytest.raises(
@@ -179,9 +182,9 @@ def test_demo_lit_fine_tunes_only_the_text_tower_of_a_pretrained_model(
     pretrained = trained_run / "export" / "open_clip_model.safetensors"
     overrides = small_run_overrides(synthetic_dir, "trainer.max_steps=4", "trainer.max_epochs=1")
     overrides = [o.replace("experiment=demo", "experiment=demo_lit") for o in overrides]
-    with pytest.raises(ValueError, match=r"model.lock_image=true .* model.model.pretrained"):
+    with pytest.raises(ValueError, match=r"module.lock_image=true .* model.pretrained"):
         train(compose_train(overrides, tmp_path / "missing"))  # a locked random tower: refused
-    train(compose_train([*overrides, f"model.model.pretrained={pretrained}"], tmp_path / "run"))
+    train(compose_train([*overrides, f"model.pretrained={pretrained}"], tmp_path / "run"))
     before = load_file(pretrained)
     after = load_file(tmp_path / "run" / "export" / "open_clip_model.safetensors")
     assert before.keys() == after.keys()
@@ -224,7 +227,7 @@ def test_bf16_mixed_trains_with_fp32_weights_and_sae(
         "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "callbacks=sae",
         "callbacks.sae.every_n_steps=5",
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="fairclip.train"):
+    with caplog.at_level(logging.INFO, logger="fairclip.training"):
         metrics = train(compose_train(overrides, tmp_path))
     # the console ends with the final validation metrics, per-value accuracies left out
     summary = next(r.message for r in caplog.records if r.message.startswith("final validation"))
@@ -253,7 +256,8 @@ def test_demo_minilm_trains_the_image_tower_against_the_locked_pretrained_text_t
     pretrained part), stays bit for bit, and runs without dropout; the image tower learns."""
     from safetensors.torch import load_file
 
-    from fairclip.model.factory import create_model, load_model
+    from fairclip.loading import load_model
+    from fairclip.model.factory import create_model
 
     overrides = small_run_overrides(synthetic_dir, "trainer.max_steps=4", "trainer.max_epochs=1")
     overrides = [o.replace("experiment=demo", "experiment=demo_minilm") for o in overrides]
@@ -283,7 +287,7 @@ def test_demo_minilm_trains_the_image_tower_against_the_locked_pretrained_text_t
     # experiment=demo_minilm_lit on that export: the image tower is locked, MiniLM is tuned
     lit = small_run_overrides(
         synthetic_dir, "trainer.max_steps=2", "trainer.max_epochs=1",
-        f"model.model.pretrained={tmp_path / 'run' / 'export' / 'open_clip_model.safetensors'}",
+        f"model.pretrained={tmp_path / 'run' / 'export' / 'open_clip_model.safetensors'}",
     )  # fmt: skip
     lit = [o.replace("experiment=demo", "experiment=demo_minilm_lit") for o in lit]
     train(compose_train(lit, tmp_path / "lit"))
@@ -294,11 +298,11 @@ def test_demo_minilm_trains_the_image_tower_against_the_locked_pretrained_text_t
 
 def test_demo_minilm_lit_is_the_documented_override_set(tmp_path: Path) -> None:
     """README's MiniLM-LiT numbers came from experiment=demo_minilm plus these overrides."""
-    weights = "model.model.pretrained=w.safetensors"
+    weights = "model.pretrained=w.safetensors"
     by_name = compose_train(["experiment=demo_minilm_lit", weights], tmp_path)
     by_hand = compose_train(
         ["experiment=demo_minilm", weights, "data.train_shards=${paths.data_dir}/synthetic/train",
-         "model.lock_text=false", "model.lock_image=true", "model.lr=1e-4",
+         "module.lock_text=false", "module.lock_image=true", "module.lr=1e-4",
          "trainer.max_epochs=3", "task_name=demo_minilm_lit"], tmp_path,
     )  # fmt: skip
     assert by_name.model == by_hand.model and by_name.trainer == by_hand.trainer

@@ -16,7 +16,8 @@ import webdataset as wds  # noqa: E402
 
 from fairclip.balance.annotate import Annotations  # noqa: E402
 from fairclip.balance.stats import data_bias, group_label_table  # noqa: E402
-from fairclip.data.shards import Shard, atomic_write_text, write_shards  # noqa: E402
+from fairclip.data.shards import Shard, write_shards  # noqa: E402
+from fairclip.files import atomic_write_text  # noqa: E402
 
 
 def kept_samples(ann: Annotations, keep: np.ndarray) -> Iterator[dict]:

@@ -78,11 +78,11 @@ def _single_blas_thread() -> contextlib.AbstractContextManager[Any]:
     """Run BLAS single-threaded inside the solvers.
 
     Their BLAS work is tiny (L-BFGS-B on ~2k duals, 14 x 9 tables), so threads only add
-    synchronisation; on a shared, busy machine threaded OpenBLAS made the solve 5-10x
-    slower. Uses ``threadpoolctl`` when installed, else changes nothing.
+    synchronisation, which on a shared, busy machine slows the solve down many times over.
+    Uses ``threadpoolctl`` when installed, else changes nothing.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # optional: not a fairclip dependency
     except ImportError:  # pragma: no cover - optional
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
@@ -878,8 +878,8 @@ def solve_streaming(
     ``(q_i - eta, +-a_i q_i - eps)``. Here every ``batch_size`` consecutive examples (rows
     shuffled within their chunk, so ordered shards do not bias the steps) share the duals
     and take one step with their mean gradient: ``batch_size=1`` is the paper's update,
-    larger batches trade steps for vectorised numpy work (Python per example would be
-    ~10^4x slower). Steps are Jacobi-preconditioned by running constraint curvatures,
+    larger batches trade steps for vectorised numpy work (a Python step per example would
+    not scale). Steps are Jacobi-preconditioned by running constraint curvatures,
     use ``lr / sqrt(1 + step / 100)`` and end with polynomial-decay iterate averaging.
     ``v+-, >= 0`` is kept as the soft-threshold of ``w = v+ - v-`` (its proximal form).
     For ``"conditional"`` the association centre tracks the running achieved shares.

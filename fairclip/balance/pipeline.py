@@ -1,4 +1,4 @@
-"""`fairclip-balance` and the `balance=` group of `fairclip-train`.
+"""Balancing shards for ``fairclip-balance`` and the ``balance=`` group of ``fairclip-train``.
 
 annotate (one pass, txt+json) -> weights (M4, group-balanced baseline) -> deterministic keep
 mask (seeded Bernoulli) -> balanced shards + report. The output folder name carries a hash of
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +24,6 @@ from fairclip.balance.apply import balance_report, write_balanced_shards, write_
 from fairclip.balance.baseline import group_balanced_weights
 from fairclip.balance.m4 import acceptance_weights, sample_mask, solve_batch, solve_streaming
 from fairclip.data.shards import list_shards
-from fairclip.runtime import CONF_DIR
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "m4", "group")
@@ -183,19 +181,12 @@ def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="balance")
-def main(cfg: DictConfig) -> None:
-    if cfg.balance.method == "none":
-        print("balance.method=none: nothing to do")
-        return
-    out = balance_shards(cfg.balance, cfg.input)
-    report = json.loads((out.with_name(out.name + "_report") / "balance_report.json").read_text())
-    print(f"balanced shards: {out}")
-    print(f"report: {out.with_name(out.name + '_report')}/balance_report.md")
-    for name, b in report["data_bias"].items():
-        print(f"  {name:15s} RB={b['rb']:.4f} AB={b['ab']:.4f}")
-    print(f"  kept {report['kept']}/{report['rows']} ({report['kept_fraction']:.3f})")
-
-
-if __name__ == "__main__":
-    main()
+def summarize_balance(out: Path) -> str:
+    """The lines ``fairclip-balance`` prints: where the shards and report are, RB/AB, kept."""
+    report_dir = out.with_name(out.name + "_report")
+    report = json.loads((report_dir / "balance_report.json").read_text())
+    lines = [f"balanced shards: {out}", f"report: {report_dir}/balance_report.md"]
+    for name, bias in report["data_bias"].items():
+        lines.append(f"  {name:15s} RB={bias['rb']:.4f} AB={bias['ab']:.4f}")
+    lines.append(f"  kept {report['kept']}/{report['rows']} ({report['kept_fraction']:.3f})")
+    return "\n".join(lines)

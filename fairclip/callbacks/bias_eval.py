@@ -16,8 +16,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from fairclip.evaluate import EvalSpec, evaluate_model, resolve_splits
+from fairclip.eval.run import evaluate_model
+from fairclip.eval.spec import EvalSpec, resolve_splits
 from fairclip.metrics import TARGETS
+from fairclip.report import log_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ class BiasEvalCallback(L.Callback):
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from fairclip.report import log_report, write_report
-
         assert self.spec is not None
         report = evaluate_model(
             pl_module.model,

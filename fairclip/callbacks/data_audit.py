@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 
-from fairclip.data.shards import atomic_write_text
+from fairclip.files import atomic_write_text
 
 
 class SeenKeysAudit(L.Callback):

@@ -14,6 +14,7 @@ over all ranks' eval shards, scores those heads; rank 0's copy is saved.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import lightning as L
 import torch
 
 from fairclip.callbacks.embeddings import step_embeddings
-from fairclip.data.shards import atomic_write_text
+from fairclip.debias.debiased_clip import DebiasedCLIP
 from fairclip.debias.joint import (
     SELECT_KEY,
     VARIANTS,
@@ -36,7 +37,9 @@ from fairclip.debias.joint import (
     fit_joint_heads,
     headline,
 )
-from fairclip.debias.pipeline import DebiasedCLIP
+from fairclip.eval.run import evaluate_model
+from fairclip.eval.spec import EvalSpec, resolve_splits
+from fairclip.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ class JointHeadsCallback(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from fairclip.evaluate import EvalSpec
-
         self.spec = EvalSpec.from_config(
             self.prompts,
             pl_module.attributes,
@@ -112,8 +113,6 @@ class JointHeadsCallback(L.Callback):
             self.column = list(self.spec.attributes).index(self.attribute)
 
     def _splits(self) -> dict[str, Any]:
-        from fairclip.evaluate import resolve_splits
-
         return resolve_splits(self.eval_shards, self.neutral_shards)
 
     # -- mode=during ---------------------------------------------------------------------
@@ -158,8 +157,6 @@ class JointHeadsCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.mode != "during" or self.trainer_ is None:
             return
-        from fairclip.evaluate import evaluate_model
-
         model = self._debiased(pl_module, self.trainer_.heads)
         report = evaluate_model(
             model,
@@ -210,7 +207,16 @@ class JointHeadsCallback(L.Callback):
                 self.spec.attributes,
                 self.spec.concepts,
                 spec=self.spec,
-                splits=self._splits(),
+                evaluate=functools.partial(
+                    evaluate_model,
+                    tokenizer=pl_module.tokenizer,
+                    preprocess=pl_module.preprocess_val,
+                    spec=self.spec,
+                    splits=self._splits(),
+                    device=pl_module.device,
+                    num_workers=0,
+                    progress=False,
+                ),  # fmt: skip
                 variant=self.variant,
                 attribute=self.attribute,
                 swaps=self.swaps,

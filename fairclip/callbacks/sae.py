@@ -39,8 +39,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from fairclip.callbacks.embeddings import encode_batch, step_embeddings
-from fairclip.data.shards import atomic_write_text
-from fairclip.debias.sae import (
+from fairclip.files import atomic_write_text
+from fairclip.sae import (
     MatryoshkaTopKSAE,
     SAEConfig,
     make_optimizer,

@@ -23,7 +23,7 @@ class ShardDataModule(L.LightningDataModule):
     """Train and eval loaders over WebDataset shards.
 
     ``preprocess_train``/``preprocess_val``/``tokenizer`` come from the model
-    (:func:`fairclip.train.build` passes them), so the data always matches the model.
+    (:func:`fairclip.training.build` passes them), so the data always matches the model.
     """
 
     def __init__(

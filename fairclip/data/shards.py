@@ -21,6 +21,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from tqdm import tqdm
 
+from fairclip.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -33,15 +35,6 @@ class Shard:
 
     url: str
     size: int
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to ``path`` via a temporary file + rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_shards(

@@ -30,9 +30,13 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 from PIL import Image
+
+from fairclip.data.shards import write_shards
 
 GENDERS = ("female", "male")
 AGES = ("young", "middle-aged", "old")
@@ -326,3 +330,34 @@ def generate_samples(split: str, n: int, cfg: SyntheticConfig, chunk: int = 2048
                 "txt": texts[i],
                 "json": meta,
             }
+
+
+def write_synthetic(cfg: DictConfig) -> dict[str, int]:
+    """Generate the requested synthetic splits into ``cfg.out/<split>/``."""
+    synth = SyntheticConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.synthetic.items()}
+    )
+    sizes = {
+        "train": cfg.train_size,
+        "eval": cfg.eval_size,
+        "neutral": cfg.neutral_size,
+        "val": cfg.val_size,
+    }
+    written = {}
+    for split in cfg.splits:
+        if split not in sizes:
+            raise ValueError(
+                f"splits: unknown split {split!r}, expected a subset of {sorted(sizes)}"
+            )
+        if not isinstance(sizes[split], int) or sizes[split] <= 0:
+            raise ValueError(f"{split}_size={sizes[split]!r}: expected a positive integer")
+        shard_size = cfg.shard_size if split == "train" else cfg.eval_shard_size
+        shards = write_shards(
+            generate_samples(split, int(sizes[split]), synth),
+            Path(cfg.out) / split,
+            prefix=split,
+            shard_size=shard_size,
+            total=int(sizes[split]),
+        )
+        written[split] = sum(s.size for s in shards)
+    return written

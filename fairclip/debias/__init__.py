@@ -1,7 +1,6 @@
-"""Debiasing on top of (frozen or fine-tuned) CLIP: SAE, SEM, Orth-Proj, joint heads, head ablation.
+"""Debiasing on top of a (frozen or fine-tuned) CLIP: SEM, Orth-Proj, joint V-L heads and
+attention-head ablation, each a component of a :class:`DebiasedCLIP`."""
 
-Importing the package registers every intervention kind, so ``DebiasedCLIP.load`` can rebuild
-any saved model.
-"""
+from fairclip.debias.debiased_clip import DebiasedCLIP, Intervention, VisionPatch
 
-from fairclip.debias import heads, joint, orth, sem  # noqa: F401  (register interventions)
+__all__ = ["DebiasedCLIP", "Intervention", "VisionPatch"]

@@ -3,7 +3,7 @@
 Why two small MLPs on a frozen CLIP: debiasing should not cost a full fine-tune, and the text
 and image sides must remove the *same* bias. Text: ``t̃ = f_t + MLP2(f_t)``; image:
 ``ṽ = f_v + MLP2(f_v + MLP1(f_v))`` with MLP2 shared (MLP1 maps image features toward the text
-side first). Both are :class:`~fairclip.debias.pipeline.Intervention`\\ s (``joint_text``,
+side first). Both are :class:`~fairclip.debias.debiased_clip.Intervention`\\ s (``joint_text``,
 ``joint_image``) so a :class:`DebiasedCLIP` carries them; on disk each holds its own copy of
 MLP2. The last layer of each MLP starts at zero: untrained heads are the identity.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -44,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairclip.debias.heads import iter_batches
-from fairclip.debias.pipeline import DebiasedCLIP, Intervention, register
+from fairclip.data.batches import iter_batches
+from fairclip.debias.debiased_clip import DebiasedCLIP, Intervention
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ DEFAULT_SWAPS: dict[str, str] = {
     "her": "his",
     "mother": "father",
 }
+# model -> evaluation report (evaluate_model with its splits bound)
+Evaluator = Callable[[nn.Module], Mapping[str, Any]]
+
 VARIANTS = ("joint", "image", "text")
 
 
@@ -68,9 +72,10 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return mlp
 
 
-@register("joint_text")
 class JointTextHead(Intervention):
     """``t̃ = f_t + MLP2(f_t)`` on the unit-normalised text feature (output ≈ unit scale)."""
+
+    kind = "joint_text"
 
     def __init__(self, dim: int, hidden: int = 256) -> None:
         super().__init__(dim=int(dim), hidden=int(hidden))
@@ -81,9 +86,10 @@ class JointTextHead(Intervention):
         return f + self.mlp2(f)
 
 
-@register("joint_image")
 class JointImageHead(Intervention):
     """``ṽ = f_v + MLP2(f_v + MLP1(f_v))`` on the unit-normalised image feature."""
+
+    kind = "joint_image"
 
     def __init__(self, dim: int, hidden: int = 256) -> None:
         super().__init__(dim=int(dim), hidden=int(hidden))
@@ -355,9 +361,9 @@ def headline(report: Mapping[str, Any], spec: Any, attribute: str = "gender") ->
     first of ``spec.skew_ks``; plus :data:`SELECT_KEY`, the selection score of joint heads: ABLE
     averaged over every k of ``spec.skew_ks``.
 
-    Why all depths: at one deep k (300 = a whole concept of the demo's eval split) any order
-    within a concept is balanced, and heads chosen there alone were the ones that put the
-    counter-stereotypical images at the top (MaxSkew@10 up by 0.1 on demo seed 0).
+    Why all depths: at one deep k (e.g. a whole concept of the eval split) any order within a
+    concept is balanced, so heads chosen there alone can put the counter-stereotypical images
+    at the top and raise the skew at small k.
     """
     m = report["metrics"]
     k = spec.skew_ks[0]
@@ -428,7 +434,7 @@ def fit_joint_heads(
     attributes: Mapping[str, Sequence[str]],
     concepts: Sequence[str],
     spec: Any = None,
-    splits: Mapping[str, Any] | None = None,
+    evaluate: Evaluator | None = None,
     variant: str = "joint",
     attribute: str = "gender",
     swaps: Mapping[str, str] | None = None,
@@ -441,8 +447,9 @@ def fit_joint_heads(
     seed: int = 0,
     pairs: Mapping[str, Tensor] | None = None,
 ) -> tuple[JointHeads, list[dict[str, float]]]:
-    """Fit joint heads on a frozen CLIP; with ``spec``/``splits``, keep the epoch with the best
-    ABLE averaged over ``spec.skew_ks`` (:func:`headline`) on that split (else the last).
+    """Fit joint heads on a frozen CLIP; with ``spec`` and ``evaluate`` (a model -> report
+    function over the selection split, e.g. ``evaluate_model`` with its split bound), keep the
+    epoch with the best ABLE averaged over ``spec.skew_ks`` (:func:`headline`), else the last.
     ``pairs`` (from :func:`encode_pairs`) skips re-encoding ``train_shards`` when several
     variants are fitted. Returns (heads, history)."""
     torch.manual_seed(seed)
@@ -454,6 +461,10 @@ def fit_joint_heads(
     heads = JointHeads(dim, hidden, variant).to(data["fv"].device)
     trainer = JointTrainer(heads, lr=lr, loss=loss or JointLossConfig())
     scale = float(model.logit_scale.detach().exp())
+    if (spec is None) != (evaluate is None):
+        raise ValueError(
+            "fit_joint_heads: give both spec and evaluate (epoch selection) or neither"
+        )
     cached = _CachedEncoder(model) if spec is not None else None
     history: list[dict[str, float]] = []
     best_state, best = copy.deepcopy(heads.state_dict()), -math.inf
@@ -474,11 +485,7 @@ def fit_joint_heads(
             steps += 1
         row = {"epoch": float(epoch), **{k: v / max(steps, 1) for k, v in sums.items()}}
         if cached is not None:
-            if splits is None:
-                raise ValueError("fit_joint_heads: spec given without splits")
-            row.update(
-                evaluate_heads(cached, heads, tokenizer, preprocess, spec, splits, attribute)
-            )
+            row.update(evaluate_heads(cached, heads, evaluate, spec, attribute))
             score = row[SELECT_KEY]
             if score > best:
                 best, best_state = score, copy.deepcopy(heads.state_dict())
@@ -493,21 +500,14 @@ def fit_joint_heads(
 def evaluate_heads(
     cached: _CachedEncoder,
     heads: JointHeads,
-    tokenizer: Any,
-    preprocess: Callable,
+    evaluate: Evaluator,
     spec: Any,
-    splits: Mapping[str, Any],
     attribute: str = "gender",
 ) -> dict[str, float]:
     """Headline metrics of the frozen model + ``heads`` (cached base features)."""
-    from fairclip.evaluate import evaluate_model
-
     cached.heads = heads.eval()
     try:
-        device = next(cached.model.parameters()).device
-        report = evaluate_model(
-            cached, tokenizer, preprocess, spec, splits, device, num_workers=0, progress=False
-        )
+        report = evaluate(cached)
     finally:
         cached.heads = None
     return headline(report, spec, attribute)
@@ -516,11 +516,8 @@ def evaluate_heads(
 # -- comparison-table builders -----------------------------------------------------------------
 
 
-def _build(bundle: Any, context: Mapping[str, Any], variant: str) -> DebiasedCLIP:
-    from fairclip.evaluate import resolve_splits
-
+def _build(bundle: Any, context: Mapping[str, Any], variant: str, **settings: Any) -> DebiasedCLIP:
     spec = context.get("spec")
-    splits = context.get("splits")
     if "train_shards" not in context or (
         spec is None and not (context.get("attributes") and context.get("concepts"))
     ):
@@ -528,11 +525,7 @@ def _build(bundle: Any, context: Mapping[str, Any], variant: str) -> DebiasedCLI
             "joint heads context: expected 'train_shards' and 'attributes'+'concepts' or 'spec', "
             f"got keys {sorted(context)}"
         )
-    if spec is not None and context.get("select_shards") is not None:
-        # a held-out split, so the reported eval split plays no part in choosing the epoch
-        splits = resolve_splits(context["select_shards"], "auto")
-    elif spec is not None and splits is None and context.get("eval_shards") is not None:
-        splits = resolve_splits(context["eval_shards"], context.get("neutral_shards", "auto"))
+    evaluate = context.get("select_evaluate") if spec is not None else None
     heads, _ = fit_joint_heads(
         bundle.model,
         bundle.tokenizer,
@@ -540,43 +533,72 @@ def _build(bundle: Any, context: Mapping[str, Any], variant: str) -> DebiasedCLI
         context["train_shards"],
         context.get("attributes") or spec.attributes,
         context.get("concepts") or spec.concepts,
-        spec=spec if splits is not None else None,
-        splits=splits,
+        spec=spec if evaluate is not None else None,
+        evaluate=evaluate,
         variant=variant,
         attribute=context.get("attribute", "gender"),
-        swaps=context.get("swaps"),
-        epochs=int(context.get("epochs", 10)),
-        hidden=int(context.get("hidden", 256)),
-        lr=float(context.get("lr", 1e-3)),
+        swaps=settings["swaps"],
+        epochs=int(settings["epochs"]),
+        hidden=int(settings["hidden"]),
+        lr=float(settings["lr"]),
         loss=JointLossConfig(
-            alpha=float(context.get("alpha", 0.3)),
-            tau=float(context.get("tau", 0.07)),
-            queue_size=int(context.get("queue_size", 1024)),
+            alpha=float(settings["alpha"]),
+            tau=float(settings["tau"]),
+            queue_size=int(settings["queue_size"]),
         ),
-        max_samples=context.get("max_samples"),
+        max_samples=settings["max_samples"],
         seed=int(context.get("seed", 0)),
     )
     text, image = heads.interventions()
     return DebiasedCLIP(bundle.model, bundle.name, text=text, image=image)
 
 
-def build_joint(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
-    """Comparison-table builder: joint text + image heads fitted on a frozen ``bundle.model``.
+def build_joint(
+    bundle: Any,
+    context: Mapping[str, Any],
+    epochs: int = 10,
+    hidden: int = 256,
+    lr: float = 1e-3,
+    alpha: float = 0.3,
+    tau: float = 0.07,
+    queue_size: int = 1024,
+    max_samples: int | None = None,
+    swaps: Mapping[str, str] | None = None,
+) -> DebiasedCLIP:
+    """Comparison builder: joint text + image heads fitted on a frozen ``bundle.model``.
 
-    ``context``: ``train_shards`` (labelled, captioned) and ``attributes``/``concepts`` or
-    ``spec`` (EvalSpec) required; ``spec`` + ``select_shards`` (a held-out split), else
-    ``splits`` (or ``eval_shards`` [+ ``neutral_shards``]), turn on best-epoch selection by
-    ABLE; optional ``attribute`` ("gender"), ``swaps`` (lexicon), ``epochs`` (10), ``hidden`` (256), ``lr`` (1e-3),
-    ``alpha`` (0.3), ``tau`` (0.07), ``queue_size`` (1024), ``max_samples``, ``seed``.
+    ``context`` (the method context or a plain mapping): ``train_shards`` (labelled,
+    captioned) and ``attributes``/``concepts`` or ``spec`` (EvalSpec) required; ``spec`` +
+    ``select_evaluate`` (model -> report on the selection split, which the comparison
+    provides) turn on best-epoch selection by ABLE; optional ``attribute``, ``seed``. The
+    settings are conf/methods/joint_vl.yaml's.
     """
-    return _build(bundle, context, "joint")
+    return _build(bundle, context, "joint", **_settings(locals()))
 
 
-def build_joint_image_only(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
-    """Ablation: image head only (same context as :func:`build_joint`)."""
-    return _build(bundle, context, "image")
+def build_joint_image_only(
+    bundle: Any, context: Mapping[str, Any], **settings: Any
+) -> DebiasedCLIP:
+    """Ablation: image head only (same context and settings as :func:`build_joint`)."""
+    return _build(bundle, context, "image", **_settings({**_DEFAULTS, **settings}))
 
 
-def build_joint_text_only(bundle: Any, context: Mapping[str, Any]) -> DebiasedCLIP:
-    """Ablation: text head only (same context as :func:`build_joint`)."""
-    return _build(bundle, context, "text")
+def build_joint_text_only(bundle: Any, context: Mapping[str, Any], **settings: Any) -> DebiasedCLIP:
+    """Ablation: text head only (same context and settings as :func:`build_joint`)."""
+    return _build(bundle, context, "text", **_settings({**_DEFAULTS, **settings}))
+
+
+def _settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(values) - set(_DEFAULTS) - {"bundle", "context"}
+    if unknown:
+        raise TypeError(
+            f"joint heads: unknown settings {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
+        )
+    return {k: values[k] for k in _DEFAULTS}
+
+
+_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(build_joint).parameters.items()
+    if k not in ("bundle", "context")
+}

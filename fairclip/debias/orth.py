@@ -9,19 +9,21 @@ those directions. A linear edit in the dense space, the reference SEM is compare
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairclip.debias.pipeline import Intervention, register
+from fairclip.debias.debiased_clip import DebiasedCLIP, Intervention
 
 __all__ = ["OrthProj", "group_directions", "fit_orth_proj", "score_gap_split"]
 
 
-@register("orth_proj")
 class OrthProj(Intervention):
     """``e' = e - U U^T e`` with ``U`` [D, r] an orthonormal basis of the group directions."""
+
+    kind = "orth_proj"
 
     def __init__(self, dim: int, rank: int) -> None:
         super().__init__(dim=int(dim), rank=int(rank))
@@ -92,11 +94,10 @@ def score_gap_split(
     splits into the part along the span ``U`` of the bias-prompt ``directions``
     (``t_c U Uᵀ Δ``: the prompts' lean, all Orth-Proj removes and the part SEM targets) and
     the rest (how the image tower places the groups along everything else the prompt reads).
-    ``offset`` = −Σ lean·rest / Σ lean² is the share of the lean the rest cancels. Near 1 (an
-    image tower trained on balanced data against a biased locked text tower: 0.93 measured)
-    the model is fair only because the two cancel, and a text-side edit that removes the lean
-    exposes the rest: the gap flips. Values between (0.4-0.7 on the other demo models) did
-    not predict whether text-side methods help. Means of |·| over classes and values with images
+    ``offset`` = −Σ lean·rest / Σ lean² is the share of the lean the rest cancels. Near 1 (e.g.
+    an image tower trained on balanced data against a biased locked text tower) the model is
+    fair only because the two cancel, and a text-side edit that removes the lean exposes the
+    rest: the gap flips (docs/results/ has the measured values). Means of |·| over classes and values with images
     of both sides. ``class_emb`` [C, D], ``images`` [N, D], ``concepts``/``groups`` [N] class
     and value indices (< 0: unlabelled), ``directions`` [V, D].
     """
@@ -126,3 +127,14 @@ def score_gap_split(
         "gap_rest": float(rest.abs().mean()),
         "offset": float(-(lean * rest).sum() / (lean * lean).sum().clamp_min(1e-12)),
     }
+
+
+def build_orth_proj(bundle: Any, ctx: Any) -> DebiasedCLIP:
+    """Comparison builder: Chuang et al. 2023, the group directions of the bias prompts
+    (``cfg.debias.bias_prompts``) projected out of the text embeddings."""
+    oc = ctx.cfg.debias.orth_proj
+    proj = fit_orth_proj(
+        ctx.encode, ctx.bias_prompts(), rank=oc.rank, rel_tol=float(oc.rel_tol),
+        key="debias.orth_proj",
+    )  # fmt: skip
+    return DebiasedCLIP(bundle.model, bundle.name, text=[proj])

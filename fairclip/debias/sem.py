@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairclip.debias.pipeline import Intervention, register
-from fairclip.debias.sae import MatryoshkaTopKSAE, SAEConfig
+from fairclip.debias.debiased_clip import DebiasedCLIP, Intervention
+from fairclip.sae import MatryoshkaTopKSAE, SAEConfig
 
 __all__ = ["SEM", "VARIANTS", "content_score", "bias_score", "fit_sem", "flagged_lean_share"]
 
@@ -87,13 +87,14 @@ def bias_score(sorted_ref: Tensor, class_latents: Sequence[Sequence[Tensor]]) ->
     return b
 
 
-@register("sem")
 class SEM(Intervention):
     """Sparse Embedding Modulation of text embeddings through a stored SAE (see module doc).
 
     Build with :func:`fit_sem`; the constructor only allocates buffers of the right shapes
     so that :meth:`DebiasedCLIP.load` can rebuild it from ``debias.json``.
     """
+
+    kind = "sem"
 
     def __init__(
         self,
@@ -268,3 +269,27 @@ def flagged_lean_share(sem: SEM, emb: Tensor, directions: Tensor, threshold: flo
     part = (z @ sem.sae.W_dec[flagged]) / sem.sae.input_scale
     total = unit @ directions.T
     return float((total.sign() * (part @ directions.T)).sum() / total.abs().sum().clamp_min(1e-12))
+
+
+def build_sem(bundle: Any, ctx: Any, variant: str) -> DebiasedCLIP:
+    """Comparison builder: SEM_``variant`` (Guimard et al. 2026) on the model's text SAE.
+
+    ``ctx`` (the comparison's method context) gives the SAE, the base text encoder and the
+    prompt sets of ``cfg.debias``; the flagged-lean diagnostic goes to ``ctx.sae_info``.
+    """
+    sem = fit_sem(
+        variant,
+        ctx.sae,
+        ctx.encode,
+        ctx.prompt_list("reference_prompts"),
+        bias_prompts=ctx.bias_prompts() if variant != "i" else None,
+        class_prompts=ctx.class_prompts() if variant != "b" else None,
+        match_threshold=float(ctx.cfg.debias.match_threshold),
+        keep_residual=bool(ctx.cfg.debias.keep_residual),
+        key="debias",
+    )
+    basis = ctx.lean_basis()
+    if variant != "i" and basis is not None:
+        directions, base = basis
+        ctx.sae_info["flagged_lean_share"] = flagged_lean_share(sem, base, directions)
+    return DebiasedCLIP(bundle.model, bundle.name, text=[sem])

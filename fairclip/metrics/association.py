@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.nominal import CramersV as _LibraryCramersV
 
 from fairclip.metrics.zeroshot import (
     _check_labels,
@@ -109,6 +110,9 @@ def cramers_v(table: Tensor) -> Tensor:
     Empty rows and columns are dropped first (a class never predicted carries no evidence and
     would make the expected counts zero). If fewer than two rows or columns remain there is no
     association to measure and V is 0; an empty table gives NaN.
+
+    Kept rather than torchmetrics' functional ``cramers_v``, because that one takes the two raw
+    series instead of a table and returns NaN instead of 0 when one row or column remains.
     """
     t = _float(table, "table")
     if t.ndim != 2:
@@ -225,40 +229,52 @@ class ModelBias(Metric):
         return out
 
 
-class CramersV(Metric):
-    """Cramér's V between group and predicted class from an accumulated contingency table.
+class CramersV(_LibraryCramersV):
+    """Cramér's V between group and predicted class: torchmetrics' ``CramersV`` without bias
+    correction, over float64 counts.
 
-    ``update(groups [N], classes [N])`` (group -1 = unknown, skipped); ``compute()`` applies
-    :func:`cramers_v` (bias-uncorrected, empty rows/columns dropped). Used by the attention-head
-    audit: 0 = predictions independent of group, 1 = group determines the prediction.
+    ``update(groups [N], classes [N])`` (group -1 = unknown, skipped); ``compute()`` is
+    :func:`cramers_v` of the accumulated table (bias-uncorrected, empty rows/columns dropped),
+    computed by torchmetrics on a square ``max(num_groups, num_classes)`` table, whose extra
+    rows or columns stay empty. Used by the attention-head audit: 0 = predictions independent
+    of group, 1 = group determines the prediction.
+
+    Two things differ from the bare library metric: the arguments are (groups, classes) with
+    unknown groups skipped and labels validated, and a table with a single non-empty row or
+    column gives 0 like :func:`cramers_v`, where torchmetrics divides 0 by 0 and returns NaN.
+    ``num_classes`` is torchmetrics' table side; the number of classes passed in is
+    ``num_pred_classes``.
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
-
-    table: Tensor
 
     def __init__(
         self, num_groups: int, num_classes: int, validate_args: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        self.num_groups = _check_positive_int(num_groups, "num_groups")
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
-        self.validate_args = validate_args
-        self.add_state(
-            "table", torch.zeros(num_groups * num_classes, dtype=torch.long), dist_reduce_fx="sum"
+        num_groups = _check_positive_int(num_groups, "num_groups")
+        num_pred_classes = _check_positive_int(num_classes, "num_classes")
+        super().__init__(
+            num_classes=max(num_groups, num_pred_classes), bias_correction=False, **kwargs
         )
+        # float64 counts: exact past 2**24 per cell, and V is computed in float64
+        self.set_dtype(torch.float64)
+        self.num_groups = num_groups
+        self.num_pred_classes = num_pred_classes
+        self.validate_args = validate_args
 
-    def update(self, groups: Tensor, classes: Tensor) -> None:
-        """Add one batch of (group, class) pairs to the table."""
+    def update(self, groups: Tensor, classes: Tensor) -> None:  # type: ignore[override]
+        """Add one batch of (group, class) pairs to the table (row = group, column = class)."""
         if self.validate_args:
-            classes = _check_labels(classes, self.num_classes, "classes")
+            classes = _check_labels(classes, self.num_pred_classes, "classes")
             groups = check_groups(groups, [self.num_groups], classes.shape[0])[:, 0]
         known = groups >= 0
-        cells = (groups * self.num_classes + classes)[known]
-        self.table.scatter_add_(0, cells, torch.ones_like(cells))
+        # torchmetrics counts confmat[target, preds]
+        super().update(classes[known], groups[known])
 
     def compute(self) -> Tensor:
         """Cramér's V as a float32 scalar."""
-        return cramers_v(self.table.view(self.num_groups, self.num_classes)).float()
+        table = self.confmat
+        rows, cols = int((table.sum(1) > 0).sum()), int((table.sum(0) > 0).sum())
+        if rows > 0 and min(rows, cols) < 2:  # no association to measure (cramers_v's rule)
+            return torch.zeros((), dtype=torch.float32, device=table.device)
+        return super().compute().float()

@@ -51,6 +51,10 @@ class FairCLIPModule(L.LightningModule):
     rank and world size are known, with ``local_loss`` + ``gather_with_grad`` under DDP.
     """
 
+    # Read by Lightning's ThroughputMonitor (fairclip.callbacks.throughput): FLOPs per batch
+    # are not measured, so it logs no FLOP rate or MFU (and does not warn about the attribute).
+    flops_per_batch: int | None = None
+
     def __init__(
         self,
         model: dict[str, Any],
@@ -77,20 +81,20 @@ class FairCLIPModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if loss not in ("auto", "clip", "siglip"):
-            raise ValueError(f"model.loss={loss!r}: expected one of 'auto', 'clip', 'siglip'")
+            raise ValueError(f"module.loss={loss!r}: expected one of 'auto', 'clip', 'siglip'")
         if not lr > 0:  # torch would say so only at configure_optimizers, without the key
-            raise ValueError(f"model.lr={lr!r}: expected a positive learning rate")
+            raise ValueError(f"module.lr={lr!r}: expected a positive learning rate")
         self.save_hyperparameters()
         for tower, locked in (("image", lock_image), ("text", lock_text)):
             if not locked or _has_weights(model, tower):
                 continue
             raise ValueError(
-                f"model.lock_{tower}=true keeps the {tower} tower as it starts, but "
-                f"model.model.pretrained is not set and model.model.name={model.get('name')!r} "
+                f"module.lock_{tower}=true keeps the {tower} tower as it starts, but "
+                f"model.pretrained is not set and model.name={model.get('name')!r} "
                 "loads no weights: the locked tower would stay random. Set "
-                "model.model.pretrained=<tag or weights file> (or name=local-dir:<export dir>)."
+                "model.pretrained=<tag or weights file> (or name=local-dir:<export dir>)."
             )
-        bundle = create_model(**model, keys=ModelKeys.under("model.model"))
+        bundle = create_model(**model, keys=ModelKeys())
         self.model = bundle.model
         self.model_name = bundle.name
         self.preprocess_train, self.preprocess_val = bundle.preprocess_train, bundle.preprocess_val
@@ -99,7 +103,7 @@ class FairCLIPModule(L.LightningModule):
         self.loss_type = ("siglip" if has_bias else "clip") if loss == "auto" else loss
         if self.loss_type == "siglip" and not has_bias:
             raise ValueError(
-                "model.loss='siglip' needs a model with a logit_bias (set init_logit_bias)"
+                "module.loss='siglip' needs a model with a logit_bias (set init_logit_bias)"
             )
         if lock_image:
             self.model.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)

@@ -1,6 +1,6 @@
 """Bias reports: JSON, markdown, plots, wandb logging and run comparison.
 
-:func:`write_report` turns the dict from :func:`fairclip.evaluate.evaluate_model` into
+:func:`write_report` turns the dict from :func:`fairclip.eval.run.evaluate_model` into
 ``report.json``, ``report.md`` and PNG plots in one directory; :func:`compare_reports`
 renders two or more reports side by side.
 """
@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fairclip.data.shards import atomic_write_text
-from fairclip.report.compare import compare_reports
+from fairclip.files import atomic_write_text
+from fairclip.report.comparison import compare_reports
 from fairclip.report.io import (
     COMPARISON_SCHEMA,
     REPORT_FILE,

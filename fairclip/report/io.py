@@ -1,6 +1,6 @@
 """Report JSON: strict serialisation (NaN -> null), loading with checks, flat metric names.
 
-A report is the dict :func:`fairclip.evaluate.evaluate_model` returns: ``metrics`` nested by
+A report is the dict :func:`fairclip.eval.run.evaluate_model` returns: ``metrics`` nested by
 section (``zeroshot``, ``retrieval``, ``skew.<query set>``, ``bias``, ``able``) so readers
 find a metric by meaning, and flattened to ``section/.../name`` keys for wandb and
 comparisons. Every skew/RB/ABLE name carries its ``k`` and target.
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fairclip.data.shards import atomic_write_text
+from fairclip.files import atomic_write_text
 
 REPORT_SCHEMA = "fairclip.bias_report/1"
 COMPARISON_SCHEMA = "fairclip.bias_comparison/1"

@@ -7,7 +7,6 @@ safe in a training process) and are written atomically.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,16 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fairclip.files import atomic_path
 from fairclip.report.io import flatten_metrics, headline_keys
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Lay out ``fig`` and write it as PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

@@ -6,6 +6,7 @@ Offline by default (``fairclip.runtime.wandb_offline``): the run lands in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from fairclip.report.io import flatten_metrics
 
 def _plot_images(files: Mapping[str, Path], prefix: str) -> dict[str, Any]:
     """The ``plot:<name>`` entries of ``files`` as wandb images under ``<prefix>/plots/``."""
-    import wandb
+    import wandb  # lazy: wandb is slow to import and only runs that log to it need it
 
     return {
         f"{prefix}/plots/{name.removeprefix('plot:')}": wandb.Image(str(path))
@@ -53,7 +54,7 @@ def log_report(
     step: int | None = None,
 ) -> None:
     """Log to an open wandb run (e.g. a Lightning ``WandbLogger.experiment``)."""
-    import wandb
+    import wandb  # lazy: wandb is slow to import and only runs that log to it need it
 
     payload: dict[str, Any] = {
         f"{prefix}/{name}": wandb.Table(columns=cols, data=rows)
@@ -73,7 +74,7 @@ def log_comparison(
     files: Mapping[str, Path],
     prefix: str = "bias_compare",
 ) -> None:
-    import wandb
+    import wandb  # lazy: wandb is slow to import and only runs that log to it need it
 
     labels = [r["label"] for r in comparison["runs"]]
     rows = [[k, *vals, comparison["delta"].get(k)] for k, vals in comparison["metrics"].items()]
@@ -95,9 +96,7 @@ def log_debias_table(
     """The debiasing-methods table of ``fairclip-debias``: the table and the
     by-depth table (means over seeds), one row per (seed, method) when there are seeds, the
     depth plot, and every finite cell as a summary value ``<prefix>/<method>/<column>``."""
-    import math
-
-    import wandb
+    import wandb  # lazy: wandb is slow to import and only runs that log to it need it
 
     tables = {"table": _method_rows(result["rows"]), "depth": _method_rows(result["depth"])}
     if result.get("per_seed"):
@@ -135,7 +134,7 @@ def log_to_wandb(
 
     Returns the run's local directory (``<out_dir>/wandb/offline-run-*`` when offline).
     """
-    import wandb
+    import wandb  # lazy: wandb is slow to import and only runs that log to it need it
 
     run = wandb.init(
         project=project,

@@ -1,6 +1,6 @@
 """Label-file adapters: public face datasets -> labelled eval WebDataset shards.
 
-``fairclip-data <source> key=value ...`` composes ``conf/datagen/<source>.yaml`` and calls
+``fairclip-data source=<source> key=value ...`` composes ``conf/source/<source>.yaml`` and calls
 ``ADAPTERS[source](cfg)``. Every adapter turns its label format into records (image path,
 attribute labels), maps raw labels to the vocabularies of ``conf/data/<source>.yaml`` and
 writes them with :func:`write_labelled_shards`: image bytes copied as they are (no
@@ -11,167 +11,17 @@ because a wrong ``images=`` folder is the usual cause; ``missing_images=skip`` s
 with a warning and reports ``missing_images`` in the output.
 """
 
-from __future__ import annotations
+from collections.abc import Callable
 
-import json
-import logging
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from omegaconf import DictConfig
 
-from omegaconf import DictConfig, OmegaConf
+from fairclip.data.adapters.celeba import write_celeba
+from fairclip.data.adapters.fairface import write_fairface
+from fairclip.data.adapters.utkface import write_utkface
 
-from fairclip.data.shards import IMAGE_EXTENSIONS, atomic_write_text, write_shards
-
-log = logging.getLogger(__name__)
-
-MISSING_POLICIES = ("error", "skip")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One labelled image: where it is, its WebDataset key and its attribute labels."""
-
-    path: Path
-    key: str
-    labels: dict[str, Any]
-
-
-def sample_key(relative: str) -> str:
-    """A WebDataset key from a relative image path: no dots or slashes (they split keys)."""
-    return relative.replace("\\", "/").replace("/", "_").replace(".", "_")
-
-
-def image_extension(path: Path, where: str) -> str:
-    ext = path.suffix.lower().lstrip(".")
-    ext = "jpg" if ext == "jpeg" else ext
-    if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(
-            f"{where}: {path.name!r} is not an image (expected one of {IMAGE_EXTENSIONS})"
-        )
-    return ext
-
-
-def map_value(raw: str, mapping: Mapping[str, str], field: str, where: str, config_key: str) -> str:
-    """Raw label -> vocabulary value; an unknown label names the file, field and config key."""
-    if raw not in mapping:
-        raise ValueError(
-            f"{where}: {field}={raw!r} is not in {config_key} (expected one of {list(mapping)})"
-        )
-    return str(mapping[raw])
-
-
-def config_mapping(cfg: DictConfig, key: str) -> dict[str, dict[str, str]]:
-    node = OmegaConf.select(cfg, key)
-    if node is None:
-        raise ValueError(f"{key}: expected a mapping attribute -> raw label -> value")
-    return {
-        str(a): {str(k): str(v) for k, v in m.items()}
-        for a, m in OmegaConf.to_container(node, resolve=True).items()
-    }
-
-
-def check_policy(cfg: DictConfig) -> str:
-    policy = cfg.get("missing_images", "error")
-    if policy not in MISSING_POLICIES:
-        raise ValueError(f"missing_images={policy!r}: expected one of {list(MISSING_POLICIES)}")
-    return policy
-
-
-def write_labelled_shards(
-    records: Sequence[Record],
-    cfg: DictConfig,
-    source: str,
-    skipped: Mapping[str, int] | None = None,
-    caption: str | None = None,
-) -> dict[str, int]:
-    """Write ``records`` to ``cfg.out/cfg.split`` and return the counts ``fairclip-data`` prints.
-
-    Counts: ``<split>`` (samples written), ``missing_images``, the adapter's own ``skipped``
-    reasons (e.g. ``malformed_labels``) and ``<attribute>=<value>`` for every label written.
-    """
-    policy = check_policy(cfg)
-    split = str(cfg.split)
-    keys = Counter(r.key for r in records)
-    duplicated = [k for k, n in keys.items() if n > 1]
-    if duplicated:
-        raise ValueError(
-            f"{source}: {len(duplicated)} duplicated image key(s), e.g. {duplicated[:3]}"
-        )
-    missing = [r for r in records if not r.path.is_file()]
-    if missing and policy == "error":
-        raise FileNotFoundError(
-            f"{source}: {len(missing)} of {len(records)} image file(s) not found under "
-            f"images={str(cfg.images)!r}, e.g. {str(missing[0].path)!r} (check images=, or set "
-            "missing_images=skip to skip and count them)"
-        )
-    if missing:
-        log.warning(
-            "%s: skipping %d of %d records whose image file is missing, e.g. %s",
-            source,
-            len(missing),
-            len(records),
-            missing[0].path,
-        )
-    missing_set = {r.key for r in missing}
-    kept = [r for r in records if r.key not in missing_set]
-    if not kept:
-        raise ValueError(f"{source}: no images to write (all {len(records)} records skipped)")
-
-    def samples() -> Iterator[dict]:
-        for r in kept:
-            sample = {
-                "__key__": r.key,
-                image_extension(r.path, source): r.path.read_bytes(),
-                "json": r.labels,
-            }
-            if caption:
-                sample["txt"] = caption
-            yield sample
-
-    out_dir = Path(cfg.out) / split
-    shards = write_shards(
-        samples(), out_dir, prefix=split, shard_size=int(cfg.shard_size), total=len(kept)
-    )
-    counts: dict[str, int] = {split: sum(s.size for s in shards), "missing_images": len(missing)}
-    counts.update({k: int(v) for k, v in (skipped or {}).items()})
-    groups = Counter(
-        f"{attr}={value}"
-        for r in kept
-        for attr, value in r.labels.items()
-        if isinstance(value, str)
-    )
-    counts.update(dict(sorted(groups.items())))
-    atomic_write_text(
-        out_dir / "summary.json",
-        json.dumps({"source": source, "counts": counts}, indent=1) + "\n",
-    )
-    return counts
-
-
-def _fairface(cfg: DictConfig) -> dict[str, int]:
-    from fairclip.data.adapters.fairface import write_fairface
-
-    return write_fairface(cfg)
-
-
-def _utkface(cfg: DictConfig) -> dict[str, int]:
-    from fairclip.data.adapters.utkface import write_utkface
-
-    return write_utkface(cfg)
-
-
-def _celeba(cfg: DictConfig) -> dict[str, int]:
-    from fairclip.data.adapters.celeba import write_celeba
-
-    return write_celeba(cfg)
-
-
-# Lazy wrappers: the adapter modules import the helpers above from this package.
+# source name (conf/source/<name>.yaml) -> writer
 ADAPTERS: dict[str, Callable[[DictConfig], dict[str, int]]] = {
-    "fairface": _fairface,
-    "utkface": _utkface,
-    "celeba": _celeba,
+    "fairface": write_fairface,
+    "utkface": write_utkface,
+    "celeba": write_celeba,
 }

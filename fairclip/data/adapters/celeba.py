@@ -1,7 +1,7 @@
 """CelebA (Liu et al., 2015): ``list_attr_celeba.txt`` + image folder -> eval shards.
 
 The attribute file has the image count on line 1, the 40 attribute names on line 2, then
-``<file> ±1 ... ±1`` per image. ``attributes`` in ``conf/datagen/celeba.yaml`` turns binary
+``<file> ±1 ... ±1`` per image. ``attributes`` in ``conf/source/celeba.yaml`` turns binary
 columns into group labels (``Male`` -> gender male/female, ``Young`` -> age young/old). An
 optional ``list_eval_partition.txt`` restricts the output to one official split.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fairclip.data.adapters import Record, sample_key, write_labelled_shards
+from fairclip.data.adapters.labelled import Record, sample_key, write_labelled_shards
 
 PARTITIONS = {"train": "0", "val": "1", "test": "2"}
 

@@ -2,7 +2,7 @@
 
 The CSV has columns ``file, age, gender, race, service_test``; ``file`` is relative to the
 image root (``val/1.jpg``). Raw labels are mapped to the vocabularies of
-``conf/data/fairface.yaml`` by ``label_map`` in ``conf/datagen/fairface.yaml``.
+``conf/data/fairface.yaml`` by ``label_map`` in ``conf/source/fairface.yaml``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fairclip.data.adapters import (
+from fairclip.data.adapters.labelled import (
     Record,
     config_mapping,
     map_value,

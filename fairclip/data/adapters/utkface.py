@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fairclip.data.adapters import Record, sample_key, write_labelled_shards
+from fairclip.data.adapters.labelled import Record, sample_key, write_labelled_shards
 from fairclip.data.shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)

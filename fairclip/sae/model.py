@@ -40,38 +40,15 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-__all__ = [
-    "SAEConfig",
-    "default_k_levels",
-    "SAEOutput",
-    "MatryoshkaTopKSAE",
-    "make_optimizer",
-    "lr_schedule",
-    "sae_step",
-    "train_sae",
-    "sae_metrics",
-    "save_sae",
-    "load_sae",
-    "top_activating",
-]
-
-_FORMAT = "fairclip.sae/v1"
-_EPS = 1e-12
+EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,8 +110,8 @@ class SAEConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("d_in", self.d_in, 1)
-        _check_int("n_latents", self.n_latents, 1)
+        check_int("d_in", self.d_in, 1)
+        check_int("n_latents", self.n_latents, 1)
         if self.k_levels is None:
             self.k_levels = default_k_levels(self.d_in, self.n_latents)
         try:
@@ -171,22 +148,22 @@ class SAEConfig:
                 )
             self.level_weights = w
         if self.aux_k is not None:
-            _check_int("aux_k", self.aux_k, 0)
+            check_int("aux_k", self.aux_k, 0)
         if not (math.isfinite(self.aux_coef) and self.aux_coef >= 0):
             raise ValueError(f"aux_coef: expected a finite float >= 0, got {self.aux_coef}")
-        _check_int("dead_after", self.dead_after, 1)
+        check_int("dead_after", self.dead_after, 1)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: expected a finite float > 0, got {self.lr}")
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("epochs", self.epochs, 1)
         if self.steps is not None:
-            _check_int("steps", self.steps, 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+            check_int("steps", self.steps, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if not 0.0 <= self.decay_frac <= 1.0:
             raise ValueError(f"decay_frac: expected a float in [0, 1], got {self.decay_frac}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: expected None or a float > 0, got {self.grad_clip}")
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
 
     @property
     def k_max(self) -> int:
@@ -228,8 +205,8 @@ class SAEConfig:
 
 def default_k_levels(d_in: int, n_latents: int) -> tuple[int, ...]:
     """MSAE's nesting: k doubles from ``min(64, d_in // 8)`` up to ``min(d_in, n_latents)``."""
-    _check_int("d_in", d_in, 1)
-    _check_int("n_latents", n_latents, 1)
+    check_int("d_in", d_in, 1)
+    check_int("n_latents", n_latents, 1)
     top = min(d_in, n_latents)
     k = min(64, max(1, d_in // 8), top)
     levels = []
@@ -239,7 +216,7 @@ def default_k_levels(d_in: int, n_latents: int) -> tuple[int, ...]:
     return (*levels, top)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
@@ -357,7 +334,7 @@ class MatryoshkaTopKSAE(nn.Module):
         mean = x.mean(0)
         if self.cfg.normalize:
             var = (x - mean).square().sum(1).mean()
-            scale = math.sqrt(self.cfg.d_in / var.item()) if var.item() > _EPS else 1.0
+            scale = math.sqrt(self.cfg.d_in / var.item()) if var.item() > EPS else 1.0
         else:
             scale = 1.0
         self.input_scale.fill_(scale)
@@ -380,7 +357,7 @@ class MatryoshkaTopKSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Project decoder rows back to unit norm (after each optimiser step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(_EPS))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(EPS))
 
     @torch.no_grad()
     def project_decoder_grad_(self) -> None:
@@ -404,7 +381,7 @@ class MatryoshkaTopKSAE(nn.Module):
         z = F.relu(self.preacts(x))
         if k is None:
             return z
-        _check_int("k", k, 1)
+        check_int("k", k, 1)
         if k > self.cfg.n_latents:
             raise ValueError(f"k: expected <= n_latents={self.cfg.n_latents}, got {k}")
         vals, idx = z.topk(k, dim=1)
@@ -457,13 +434,13 @@ class MatryoshkaTopKSAE(nn.Module):
             top_vals = F.relu(_GatherPreacts.apply(xc, self.W_enc, self.b_enc, top_idx, top_pre))
 
         recons = self._decode_levels(top_vals, top_idx)  # scaled space
-        denom = (xs - xs.mean(0)).square().sum().clamp_min(_EPS)
+        denom = (xs - xs.mean(0)).square().sum().clamp_min(EPS)
         level_losses = (recons - xs).square().sum(dim=(1, 2)) / denom
         loss = (self.level_weights * level_losses).sum()
         if n_aux > 0:
             resid = (xs - recons[-1]).detach()
             aux_rec = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum")
-            aux_denom = (resid - resid.mean(0)).square().sum().clamp_min(_EPS)
+            aux_denom = (resid - resid.mean(0)).square().sum().clamp_min(EPS)
             aux_loss = (aux_rec - resid).square().sum() / aux_denom
             loss = loss + cfg.aux_coef * aux_loss
         else:
@@ -478,290 +455,3 @@ class MatryoshkaTopKSAE(nn.Module):
             k_levels=cfg.k_levels,
             n_latents=cfg.n_latents,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
-
-
-def make_optimizer(sae: MatryoshkaTopKSAE, lr: float | None = None) -> torch.optim.Adam:
-    """Adam over all SAE parameters (lr defaults to ``sae.cfg.lr``).
-
-    Uses the fused kernel where the device supports it: on CPU it is ~2.5x faster than the
-    default, and the optimiser step is a sizeable part of a sparse SAE step.
-    """
-    lr = sae.cfg.lr if lr is None else lr
-    try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
-    except (RuntimeError, ValueError):  # device/dtype without a fused kernel
-        return torch.optim.Adam(sae.parameters(), lr=lr)
-
-
-def lr_schedule(cfg: SAEConfig, total_steps: int):
-    """Warm-up / stable / linear-decay multiplier for ``LambdaLR``."""
-    decay_steps = int(cfg.decay_frac * total_steps)
-    decay_start = total_steps - decay_steps
-
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if decay_steps and step >= decay_start:
-            return warm * max(0.0, (total_steps - step) / decay_steps)
-        return warm
-
-    return f
-
-
-def sae_step(
-    sae: MatryoshkaTopKSAE,
-    opt: torch.optim.Optimizer,
-    batch: Tensor,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-) -> dict[str, float]:
-    """One optimiser step on a batch of embeddings; usable incrementally from a callback.
-
-    Initialises ``b_pre``/``input_scale`` from the first batch if the SAE was never
-    initialised. Keeps decoder rows unit-norm and advances the dead-latent counters.
-    Returns scalar logs: loss, fvu (largest level), aux_loss, dead_fraction.
-    """
-    if not bool(sae.initialized):
-        sae.init_from_data(batch)
-    sae.train()
-    opt.zero_grad(set_to_none=True)
-    out = sae(batch)
-    out.loss.backward()
-    sae.project_decoder_grad_()
-    if sae.cfg.grad_clip is not None:
-        nn.utils.clip_grad_norm_(sae.parameters(), sae.cfg.grad_clip)
-    opt.step()
-    if scheduler is not None:
-        scheduler.step()
-    sae.normalize_decoder_()
-    sae.update_dead_(out.top_values.detach(), out.top_indices)
-    logs = (
-        torch.stack([out.loss, out.level_losses[-1], out.aux_loss, sae.dead_mask.float().mean()])
-        .detach()
-        .tolist()
-    )  # one device sync
-    return dict(zip(("loss", "fvu", "aux_loss", "dead_fraction"), logs, strict=True))
-
-
-def train_sae(
-    embeddings: Tensor, cfg: SAEConfig, progress: bool = True, log_every: int = 25
-) -> tuple[MatryoshkaTopKSAE, dict[str, Any]]:
-    """Train an SAE on an in-memory (N, d_in) buffer for ``cfg.steps`` or ``cfg.epochs``.
-
-    Runs on the device of ``embeddings``. Returns the SAE (eval mode) and a history with
-    per-``log_every`` step losses, dead fraction, wall time and training samples/s.
-    """
-    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2:
-        raise ValueError(
-            f"embeddings: expected a 2-D tensor (N, {cfg.d_in}), got "
-            f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)}"
-        )
-    if embeddings.shape[1] != cfg.d_in:
-        raise ValueError(
-            f"embeddings: expected {cfg.d_in} columns (cfg.d_in), got {embeddings.shape[1]}"
-        )
-    if embeddings.shape[0] < 2:
-        raise ValueError(f"embeddings: expected at least 2 rows, got {embeddings.shape[0]}")
-    _check_int("log_every", log_every, 1)
-
-    n = embeddings.shape[0]
-    device = embeddings.device
-    sae = MatryoshkaTopKSAE(cfg).to(device)
-    sae.init_from_data(embeddings)
-    data = embeddings.to(dtype=sae.W_dec.dtype)
-    bs = min(cfg.batch_size, n)
-    per_epoch = n // bs  # drop the ragged last batch: tiny batches give noisy FVU denominators
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
-    opt = make_optimizer(sae)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg, total))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hist: dict[str, Any] = {"step": [], "loss": [], "fvu": [], "aux_loss": [], "dead_fraction": []}
-    step = 0
-    seen = 0
-    t0 = time.perf_counter()
-    with tqdm(total=total, disable=not progress, desc="SAE", dynamic_ncols=True) as bar:
-        while step < total:
-            perm = torch.randperm(n, generator=gen).to(device)
-            for b in range(per_epoch):
-                if step >= total:
-                    break
-                logs = sae_step(sae, opt, data[perm[b * bs : (b + 1) * bs]], sched)
-                step += 1
-                seen += bs
-                bar.update(1)
-                if step % log_every == 0 or step == total:
-                    hist["step"].append(step)
-                    for key in ("loss", "fvu", "aux_loss", "dead_fraction"):
-                        hist[key].append(logs[key])
-                    bar.set_postfix(fvu=f"{logs['fvu']:.4f}", dead=f"{logs['dead_fraction']:.3f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
-    hist.update(steps=step, samples=seen, seconds=elapsed, samples_per_s=seen / max(elapsed, _EPS))
-    return sae.eval(), hist
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation and interpretation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sae_metrics(sae: MatryoshkaTopKSAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Reconstruction and sparsity metrics over a whole set of embeddings.
-
-    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the set. Keys without suffix are the
-    inference view (all positive activations); ``*_topk`` is the largest training level and
-    ``fvu_k{k}`` every level. ``l0`` counts active latents per row; ``dead_fraction`` is the
-    share of latents never in a top-k_max on ``x`` (``dead_fraction_inference``: never
-    positive; ``dead_fraction_train``: the training counter).
-    """
-    x = sae._check_input(x)
-    _check_int("batch_size", batch_size, 1)
-    cfg = sae.cfg
-    s = sae.input_scale
-    mean = x.mean(0, dtype=torch.float64)
-    total_var = 0.0
-    sse = torch.zeros((), dtype=torch.float64, device=x.device)
-    sse_levels = torch.zeros(len(cfg.k_levels), dtype=torch.float64, device=x.device)
-    cos = torch.zeros((), dtype=torch.float64, device=x.device)
-    cos_topk = torch.zeros_like(cos)
-    l0 = torch.zeros_like(cos)
-    l0_topk = torch.zeros_like(cos)
-    fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=x.device)
-    fired_topk = torch.zeros_like(fired)
-    for chunk in x.split(batch_size):
-        total_var += (chunk.double() - mean).square().sum().item()
-        pre = torch.addmm(sae.b_enc, chunk * s - sae.b_pre, sae.W_enc.T)
-        z = F.relu(pre)
-        active = z > 0
-        l0 += active.sum()
-        fired |= active.any(0)
-        rec = torch.addmm(sae.b_pre, z, sae.W_dec) / s
-        sse += (chunk - rec).double().square().sum()
-        cos += F.cosine_similarity(chunk, rec, dim=1).double().sum()
-        vals, idx = z.topk(cfg.k_max, dim=1)
-        fired_topk[idx[vals > 0]] = True
-        l0_topk += (vals > 0).sum()
-        recs = sae._decode_levels(vals, idx) / s
-        sse_levels += (recs - chunk).double().square().sum(dim=(1, 2))
-        cos_topk += F.cosine_similarity(chunk, recs[-1], dim=1).double().sum()
-    n = x.shape[0]
-    total_var = max(total_var, _EPS)
-    out = {
-        "fvu": sse.item() / total_var,
-        "fvu_topk": sse_levels[-1].item() / total_var,
-        "cos": cos.item() / n,
-        "cos_topk": cos_topk.item() / n,
-        "l0": l0.item() / n,
-        "l0_topk": l0_topk.item() / n,
-        "dead_fraction": 1.0 - fired_topk.float().mean().item(),
-        "dead_fraction_inference": 1.0 - fired.float().mean().item(),
-        "dead_fraction_train": sae.dead_mask.float().mean().item(),
-    }
-    for k, v in zip(cfg.k_levels, sse_levels.tolist(), strict=True):
-        out[f"fvu_k{k}"] = v / total_var
-    return out
-
-
-@torch.no_grad()
-def top_activating(
-    sae: MatryoshkaTopKSAE,
-    x: Tensor,
-    texts: Sequence[str],
-    n: int = 10,
-    latents: Sequence[int] | None = None,
-    batch_size: int = 4096,
-) -> dict[int, list[tuple[str, float]]]:
-    """For each latent, the ``n`` texts of ``x`` with the highest (inference) activation.
-
-    Only positive activations are listed and latents that never fire are left out, so the
-    result is ready to log (e.g. as a wandb table). ``latents`` restricts the latent ids.
-    """
-    x = sae._check_input(x)
-    if len(texts) != x.shape[0]:
-        raise ValueError(
-            f"texts: expected {x.shape[0]} strings (one per row of x), got {len(texts)}"
-        )
-    _check_int("n", n, 1)
-    _check_int("batch_size", batch_size, 1)
-    if latents is None:
-        ids = torch.arange(sae.cfg.n_latents, device=x.device)
-    else:
-        ids = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
-        if ids.ndim != 1 or (ids.numel() and (ids.min() < 0 or ids.max() >= sae.cfg.n_latents)):
-            raise ValueError(f"latents: expected ids in [0, {sae.cfg.n_latents}), got {latents}")
-    n = min(n, x.shape[0])
-    best_v = torch.full((0, ids.numel()), -math.inf, device=x.device, dtype=x.dtype)
-    best_i = torch.zeros((0, ids.numel()), dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        z = sae.encode(x[start : start + batch_size])[:, ids]
-        rows = torch.arange(start, start + z.shape[0], device=x.device)[:, None].expand_as(z)
-        cand_v = torch.cat([best_v, z])
-        cand_i = torch.cat([best_i, rows])
-        best_v, pos = cand_v.topk(min(n, cand_v.shape[0]), dim=0)
-        best_i = cand_i.gather(0, pos)
-    out: dict[int, list[tuple[str, float]]] = {}
-    vals, rows = best_v.T.tolist(), best_i.T.tolist()
-    for lat, v_row, i_row in zip(ids.tolist(), vals, rows, strict=True):
-        hits = [(texts[i], v) for v, i in zip(v_row, i_row, strict=True) if v > 0]
-        if hits:
-            out[lat] = hits
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Persistence
-# --------------------------------------------------------------------------------------------
-
-
-def save_sae(sae: MatryoshkaTopKSAE, path: str | os.PathLike[str]) -> Path:
-    """Write weights and buffers as safetensors with the config as JSON metadata (atomic)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    meta = {"format": _FORMAT, "config": json.dumps(sae.cfg.to_dict())}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> MatryoshkaTopKSAE:
-    """Load an SAE written by :func:`save_sae`; a missing or malformed file names the path."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such SAE file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if meta.get("format") != _FORMAT or "config" not in meta:
-        raise ValueError(
-            f"{path}: not a fairclip SAE file (metadata format={meta.get('format')!r}, "
-            f"expected {_FORMAT!r} with a config)"
-        )
-    try:
-        cfg = SAEConfig.from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: invalid SAE config in metadata ({e})") from e
-    sae = MatryoshkaTopKSAE(cfg)
-    try:
-        sae.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the stored config ({e})") from e
-    return sae.to(device).eval()

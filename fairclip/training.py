@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -22,14 +21,12 @@ from fairclip.balance.pipeline import balance_shards
 from fairclip.cluster import cluster_plugins, continue_csv_logs, resume_checkpoint
 from fairclip.model.factory import export_open_clip
 from fairclip.runtime import (
-    CONF_DIR,
     hydra_mode,
     instantiate,
     instantiate_dict,
     isolate_rank_logs,
     rewrite_argv_for_ddp_children,
     stable_id,
-    sweep_job_scope,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +59,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         balanced = balance_shards(cfg.balance, cfg.data.train_shards)
         with open_dict(cfg):
             cfg.data.train_shards = str(balanced)
-    module = instantiate(cfg, "model")
+    module = instantiate(cfg, "module")
     datamodule = instantiate(
         cfg,
         "data",
@@ -182,15 +179,3 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if trainer.is_global_zero and OmegaConf.select(cfg, "logger.wandb.offline"):
                 log.info("upload: wandb sync %s/wandb/offline-run-*", logger.save_dir)
     return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    with sweep_job_scope():
-        metrics = train(cfg)
-    # A scalar for Hydra sweepers (e.g. Optuna): zero-shot accuracy when available.
-    return metrics.get("val/acc")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fairclip.data.shards import atomic_write_text
+from fairclip.files import atomic_write_text
 from fairclip.report.io import COMPARISON_SCHEMA, flatten_metrics, load_report, save_json
 from fairclip.report.markdown import comparison_markdown
 from fairclip.report.plots import plot_comparison
+from fairclip.report.wandb_log import log_to_wandb
 
 
 def _default_labels(reports: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -61,8 +62,6 @@ def compare_reports(
     save_json(comparison, files["json"])
     atomic_write_text(files["md"], comparison_markdown(reports, labels, plot_rel) + "\n")
     if wandb is not None:
-        from fairclip.report.wandb_log import log_to_wandb
-
         log_to_wandb(comparison, files, out, **wandb)
     comparison["files"] = {k: str(v) for k, v in files.items()}
     return comparison

@@ -16,7 +16,6 @@ tensors. ``load(dir)`` rebuilds it; ``fairclip-eval model=<dir>`` evaluates it.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,22 +25,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fairclip.debias.registry import component_class
+from fairclip.files import atomic_path, atomic_write_text
 from fairclip.model.factory import EXPORT_CONFIG, export_open_clip, load_export
 
 DEBIAS_CONFIG = "debias.json"
 DEBIAS_WEIGHTS = "debias.safetensors"
-INTERVENTIONS: dict[str, type[Intervention]] = {}
-
-
-def register(kind: str):
-    """Class decorator: make an intervention loadable by its ``kind`` name."""
-
-    def wrap(cls: type[Intervention]) -> type[Intervention]:
-        cls.kind = kind
-        INTERVENTIONS[kind] = cls
-        return cls
-
-    return wrap
 
 
 class Intervention(nn.Module):
@@ -72,9 +61,6 @@ class VisionPatch:
     def state(self) -> tuple[dict, dict[str, Tensor]]:  # pragma: no cover - abstract
         """(JSON-able config, tensors) to save."""
         raise NotImplementedError
-
-
-VISION_PATCHES: dict[str, type[VisionPatch]] = {}
 
 
 class DebiasedCLIP(nn.Module):
@@ -151,14 +137,13 @@ class DebiasedCLIP(nn.Module):
             tensors.update(
                 {f"vision_patch.{i}.{k}": v.contiguous().cpu() for k, v in state.items()}
             )
-        weights_tmp = out / f".{DEBIAS_WEIGHTS}.tmp"
-        save_file(tensors, str(weights_tmp))
-        config_tmp = out / f".{DEBIAS_CONFIG}.tmp"
-        config_tmp.write_text(
-            json.dumps({"model_name": self.model_name, "interventions": entries}, indent=2)
+        with atomic_path(out / DEBIAS_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
+        # the config last: it is what marks the folder as a DebiasedCLIP
+        atomic_write_text(
+            out / DEBIAS_CONFIG,
+            json.dumps({"model_name": self.model_name, "interventions": entries}, indent=2),
         )
-        os.replace(weights_tmp, out / DEBIAS_WEIGHTS)
-        os.replace(config_tmp, out / DEBIAS_CONFIG)
         return out
 
     @classmethod
@@ -185,18 +170,16 @@ class DebiasedCLIP(nn.Module):
             counters[side] += 1
             prefix = f"{side}.{index}."
             state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            component = component_class(kind, str(path / DEBIAS_CONFIG))
             if side == "vision_patch":
-                if kind not in VISION_PATCHES:
-                    raise ValueError(
-                        f"{path / DEBIAS_CONFIG}: unknown vision patch {kind!r}; known: {sorted(VISION_PATCHES)}"
-                    )
-                patches.append(VISION_PATCHES[kind].from_state(entry["config"], state))
+                patches.append(component.from_state(entry["config"], state))
                 continue
-            if kind not in INTERVENTIONS:
-                raise ValueError(
-                    f"{path / DEBIAS_CONFIG}: unknown intervention {kind!r}; known: {sorted(INTERVENTIONS)}"
-                )
-            step = INTERVENTIONS[kind](**entry["config"])
+            step = component(**entry["config"])
             step.load_state_dict(state)
             (text if side == "text" else image).append(step.to(device))
         return cls(bundle.model, bundle.name, text, image, patches)
+
+
+def build_unchanged(bundle: Any, ctx: Any) -> DebiasedCLIP:
+    """Comparison builder: the model as trained, no component (the table's ``clip`` row)."""
+    return DebiasedCLIP(bundle.model, bundle.name)

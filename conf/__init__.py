@@ -1,0 +1,1 @@
+"""fairclip's Hydra configs, installed as the package ``fairclip.conf`` (see pyproject.toml)."""
