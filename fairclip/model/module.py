@@ -123,11 +123,17 @@ class FairCLIPModule(L.LightningModule):
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.concepts, self.attributes = list(concepts), {k: list(v) for k, v in attributes.items()}
-        self.zero_shot = GroupZeroShotAccuracy(len(self.concepts), self.attributes)
+        # Face datasets (data=fairface|utkface|celeba) name no concepts: validation then has
+        # no zero-shot classes to score and measures loss and retrieval recall only.
+        self.zero_shot = (
+            GroupZeroShotAccuracy(len(self.concepts), self.attributes) if self.concepts else None
+        )
         self.recall = RetrievalRecall(recall_ks)
         # Retrieval skew of the concept queries over the eval images: the planted bias shows
         # here first (e.g. "a photo of a doctor" ranking men above equally good women).
-        self.skew = SkewMetrics(self.attributes, ks=skew_ks, targets=("eq_opp",))
+        self.skew = (
+            SkewMetrics(self.attributes, ks=skew_ks, targets=("eq_opp",)) if self.concepts else None
+        )
         self.val_loss = MeanMetric()
         self.loss_fn: torch.nn.Module | None = None
         self.val_loss_fn: torch.nn.Module | None = None
@@ -232,30 +238,34 @@ class FairCLIPModule(L.LightningModule):
         )
 
     def on_validation_epoch_start(self) -> None:
-        self.classifier = self.concept_classifier()
+        self.classifier = self.concept_classifier() if self.concepts else None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image, text = self.encode(batch)
         self.val_loss.update(
             self.contrastive_loss(image, text, self.val_loss_fn), weight=image.shape[0]
         )
+        self.recall.update(image.float(), text.float())
+        if self.classifier is None:
+            return
         labelled = batch["concept"] >= 0
         scores = image @ self.classifier.to(image.dtype)
         self.zero_shot.update(
             scores.argmax(dim=-1)[labelled], batch["concept"][labelled], batch["groups"][labelled]
         )
         self.skew.update(scores.float(), batch["groups"])
-        self.recall.update(image.float(), text.float())
 
     def on_validation_epoch_end(self) -> None:
+        scored = [
+            m for m in (self.val_loss, self.zero_shot, self.recall, self.skew) if m is not None
+        ]
         metrics = {"loss": self.val_loss.compute()}
-        metrics.update(self.zero_shot.compute())
-        metrics.update(self.recall.compute())
-        metrics.update(self.skew.compute())
+        for metric in scored[1:]:
+            metrics.update(metric.compute())
         # torchmetrics already synced these in compute(), so every rank holds the same values;
         # sync_dist=True averages identical numbers (exact) and stops Lightning's per-key warning
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        for metric in (self.val_loss, self.zero_shot, self.recall, self.skew):
+        for metric in scored:
             metric.reset()
 
 
