@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fairclip.balance.pipeline import balance_shards
+from fairclip.balance.pipeline import ShardBalancer
+from fairclip.callbacks.balance_report import BalanceReport
 from fairclip.cluster import cluster_plugins, continue_csv_logs, resume_checkpoint
 from fairclip.model.factory import export_open_clip
 from fairclip.runtime import (
@@ -53,12 +55,9 @@ def _configure_wandb(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiate module, datamodule and trainer from a composed config."""
     L.seed_everything(cfg.seed, workers=True)
-    balanced = None
-    if cfg.get("balance") and cfg.balance.method != "none":
-        # balance=m4|group: train on balanced shards (written once, reused on later runs)
-        balanced = balance_shards(cfg.balance, cfg.data.train_shards)
-        with open_dict(cfg):
-            cfg.data.train_shards = str(balanced)
+    # balance=m4|group: rank 0 writes balanced shards in the datamodule's prepare_data (once;
+    # later runs with the same settings reuse them), every rank trains on them
+    balancing = bool(cfg.get("balance")) and cfg.balance.method != "none"
     module = instantiate(cfg, "module")
     datamodule = instantiate(
         cfg,
@@ -66,33 +65,29 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         preprocess_train=module.preprocess_train,
         preprocess_val=module.preprocess_val,
         tokenizer=module.tokenizer,
+        balancer=ShardBalancer(cfg.balance) if balancing else None,
     )
     _configure_wandb(cfg)
     loggers = instantiate_dict(cfg, "logger")
     callbacks = instantiate_dict(cfg, "callbacks")
+    if balancing:
+        callbacks.append(BalanceReport())
     plugins = instantiate(cfg, "trainer.plugins") if cfg.trainer.get("plugins") else []
     plugins, callbacks = cluster_plugins(plugins, callbacks)
     trainer = instantiate(
         cfg, "trainer", logger=loggers or False, callbacks=callbacks, plugins=plugins
     )
-    if balanced is not None:
-        _log_balance_report(trainer, balanced)
     return module, datamodule, trainer
 
 
-@rank_zero_only
-def _log_balance_report(trainer: L.Trainer, balanced: Path) -> None:
-    """The M4/group balance report (data RB/AB before/after, P(label|group) plot) in wandb."""
-    report_dir = balanced.with_name(balanced.name + "_report")
-    report = json.loads((report_dir / "balance_report.json").read_text())
-    rows = [[name, b["rb"], b["ab"]] for name, b in report["data_bias"].items()]
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_table("balance/data_bias", columns=["stage", "RB", "AB"], data=rows)
-            logger.log_image("balance/rates", [str(report_dir / "balance_rates.png")])
-        logger.log_hyperparams(
-            {"balance/kept_fraction": report["kept_fraction"], "balance/output": str(balanced)}
-        )
+def _stop_ddp_children(trainer: L.Trainer) -> None:
+    """When the process that launched the local DDP ranks fails, stop them too. Lightning
+    does so on Ctrl-C only; on any other error (e.g. rank 0 failing in prepare_data) the
+    children would wait at the next barrier until the process-group timeout. Under srun,
+    ``--kill-on-bad-exit=1`` (slurm/train.sbatch, hydra/launcher=slurm) does the same."""
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _SubprocessScriptLauncher) and trainer.is_global_zero:
+        launcher.kill(signal.SIGKILL)
 
 
 @rank_zero_only
@@ -164,7 +159,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _log_config(trainer, cfg)
     if cfg.get("validate_before_training"):
         trainer.validate(module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        _stop_ddp_children(trainer)
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info(_summary(metrics, Path(cfg.paths.output_dir)))

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from fairclip.balance.annotate import Annotations, Annotator
 from fairclip.balance.m4 import M4InfeasibleError
-from fairclip.balance.pipeline import balance_shards
+from fairclip.balance.pipeline import balance_shards, balanced_shards
 from fairclip.data.shards import list_shards
 from fairclip.runtime import CONF_DIR
 
@@ -105,14 +105,10 @@ def test_infeasible_missing_and_unknown_inputs_are_clear_errors(
     cfg = balance_cfg("balance.eta=0.9", f"balance.output={tmp_path / 'x'}")
     with pytest.raises(M4InfeasibleError, match=r"infeasible.*eta"):
         balance_shards(cfg, str(synthetic_dir / "train"))
-    # another rank of the same job gets rank 0's error instead of waiting for its shards forever
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(RuntimeError, match=r"rank 0 failed to write .*x.*M4InfeasibleError.*eta"):
-        balance_shards(cfg, str(synthetic_dir / "train"))
-    monkeypatch.setenv("RANK", "0")  # a retry on rank 0 clears the marker
-    with pytest.raises(M4InfeasibleError):
-        balance_shards(cfg, str(synthetic_dir / "train"))
-    assert (tmp_path / "x.failed").is_file() and not (tmp_path / "x").exists()
+    # a rank that reads the balanced shards before they exist is told who writes them
+    with pytest.raises(FileNotFoundError, match=r"x holds no sizes.json: .*global rank 0"):
+        balanced_shards(cfg, str(synthetic_dir / "train"))
+    assert not (tmp_path / "x").exists()
     annotator = Annotator(
         {"gender": ["female", "male"]}, ["doctor", "nurse"], label_fields=["concept"]
     )
@@ -150,10 +146,12 @@ def test_train_with_balance_m4_uses_balanced_shards_and_logs_report(
     overrides = [o for o in small_run_overrides(synthetic_dir) if o != "logger=csv"]
     cfg = compose_train(
         [*overrides, "balance=m4", "balance.eta=0.18", "+balance.targets.age=prior",
-         f"balance.output={m4_output}", "logger=default", "logger.wandb.id=balanced-run"],
+         f"balance.output={m4_output}", "logger=default", "logger.wandb.id=balanced-run",
+         "trainer.max_steps=1", "trainer.limit_val_batches=0", "callbacks=none"],
         tmp_path,
     )  # fmt: skip
-    _, dm, trainer = build(cfg)
+    module, dm, trainer = build(cfg)
+    trainer.fit(module, datamodule=dm)  # prepare_data + setup: reuses the balanced shards
     assert dm.train_shards == str(m4_output)  # the balanced shards, reused (same settings)
     wandb_logger = next(lg for lg in trainer.loggers if isinstance(lg, WandbLogger))
     wandb_logger.experiment.finish()
@@ -164,3 +162,37 @@ def test_train_with_balance_m4_uses_balanced_shards_and_logs_report(
     rows = json.loads(tables[0].read_text())["data"]
     assert [r[0] for r in rows] == ["before", "expected_after", "after"]
     assert rows[0][2] > 0.18 and rows[1][2] < 0.05  # AB before / expected after
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_shards_rank0_balances_and_stop_when_it_fails(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """trainer=ddp_cpu (2 processes): global rank 0 writes the balanced shards in
+    prepare_data, both ranks train on them; when rank 0 fails there (infeasible eta), the
+    whole run stops at once with its error instead of the other rank waiting at a barrier."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import run_train_process, small_run_overrides
+
+    out = tmp_path / "balanced"
+    common = ["trainer=ddp_cpu", "balance=m4", "+balance.targets.age=prior", "callbacks=none",
+              "balance.shard_size=100",
+              "trainer.max_steps=2", "trainer.limit_val_batches=0"]  # fmt: skip
+    run_train_process(
+        synthetic_dir, tmp_path / "run", tmp_path / "logs",
+        *common, "balance.eta=0.18", f"balance.output={out}",
+    )  # fmt: skip
+    assert (out / "sizes.json").is_file() and report_of(out)["kept"] > 0
+
+    cmd = [str(Path(sys.executable).parent / "fairclip-train"),
+           *small_run_overrides(synthetic_dir, *common, "balance.eta=0.9",
+                                f"balance.output={tmp_path / 'infeasible'}"),
+           f"hydra.run.dir={tmp_path / 'failed'}", f"paths.log_dir={tmp_path / 'logs'}"]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.monotonic() - start < 240
+    assert "M4 infeasible" in proc.stdout + proc.stderr
+    assert not (tmp_path / "infeasible" / "sizes.json").exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -92,38 +91,57 @@ def compute_weights(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, dict
 def balance_shards(cfg: DictConfig, input_spec: Any) -> Path:
     """Balance ``input_spec`` shards per ``cfg`` (the ``balance`` group); return the output dir.
 
-    Reuses an existing output with the same settings. Under multi-process launches only global
-    rank 0 writes; the other ranks wait for its ``sizes.json``, or fail with its error if it
-    failed (a ``<out>.failed`` marker), instead of waiting until the job's time limit.
+    Reuses an existing output with the same settings. One process writes: ``fairclip-balance``,
+    or global rank 0 in :meth:`ShardDataModule.prepare_data` while the other ranks wait at
+    Lightning's barrier and then read the result with :func:`balanced_shards`.
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"balance.method={cfg.method!r}: expected one of {METHODS}")
-    out = resolve_output(cfg, input_spec)
+    out = resolve_output(_checked(cfg), input_spec)
     if (out / "sizes.json").exists():
         _check_same_settings(out, cfg)
         log.info("reusing balanced shards in %s", out)
         return out
-    failed = out.with_name(out.name + ".failed")
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank != 0:
-        return _wait_for_rank0(out, failed)
-    failed.unlink(missing_ok=True)
-    try:
-        _balance(cfg, input_spec, out)
-    except BaseException as err:  # the waiting ranks read this instead of hanging
-        try:
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            failed.write_text(f"{type(err).__name__}: {err}\n")
-        except OSError:  # e.g. an unwritable balance.output: the original error says why
-            log.exception("balance: could not write the failure marker %s", failed)
-        raise
+    _balance(cfg, input_spec, out)
     return out
+
+
+def balanced_shards(cfg: DictConfig, input_spec: Any) -> Path:
+    """The balanced shards :func:`balance_shards` wrote for these settings; an error if there
+    are none (a rank that reads them before global rank 0 has written them)."""
+    out = resolve_output(_checked(cfg), input_spec)
+    if not (out / "sizes.json").exists():
+        raise FileNotFoundError(
+            f"balance: {out} holds no sizes.json: balanced shards are written by "
+            "fairclip-balance or by global rank 0 in ShardDataModule.prepare_data"
+        )
+    _check_same_settings(out, cfg)
+    return out
+
+
+class ShardBalancer:
+    """What :class:`fairclip.data.datamodule.ShardDataModule` calls to train on balanced shards
+    (``balance=m4|group``): ``write`` on global rank 0 in ``prepare_data``, ``output`` on every
+    rank in ``setup``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = _checked(cfg)
+
+    def write(self, input_spec: Any) -> Path:
+        return balance_shards(self.cfg, input_spec)
+
+    def output(self, input_spec: Any) -> Path:
+        return balanced_shards(self.cfg, input_spec)
+
+
+def _checked(cfg: DictConfig) -> DictConfig:
+    if cfg.method not in METHODS:
+        raise ValueError(f"balance.method={cfg.method!r}: expected one of {METHODS}")
+    return cfg
 
 
 def _check_same_settings(out: Path, cfg: DictConfig) -> None:
     """Reuse balanced shards only if they were made with these settings (an explicit
     ``balance.output`` is not keyed by them, unlike the default output name)."""
-    report = out.with_name(out.name + "_report") / "balance_report.json"
+    report = report_dir(out) / "balance_report.json"
     if not report.is_file():
         return
     old = json.loads(report.read_text()).get("settings", {})
@@ -135,18 +153,6 @@ def _check_same_settings(out: Path, cfg: DictConfig) -> None:
             f"balance.output={out}: holds shards balanced with other settings "
             f"({'; '.join(changed)}); choose a new balance.output, or delete it to rebuild"
         )
-
-
-def _wait_for_rank0(out: Path, failed: Path, poll_s: float = 2.0) -> Path:
-    """Block until rank 0 has written ``out/sizes.json``; raise if it left a failure marker."""
-    while not (out / "sizes.json").exists():
-        if failed.exists():
-            raise RuntimeError(
-                f"balance: rank 0 failed to write {out} ({failed.read_text().strip()}); "
-                f"see its log, fix the cause and delete {failed}"
-            )
-        time.sleep(poll_s)
-    return out
 
 
 def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
@@ -161,8 +167,8 @@ def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
         cfg.utility_field,
     )
     ann = annotate_shards(shards, annotator)
-    report_dir = out.with_name(out.name + "_report")
-    ann.save(report_dir / "annotations.parquet")
+    folder = report_dir(out)
+    ann.save(folder / "annotations.parquet")
     start = time.perf_counter()
     q, diagnostics = compute_weights(cfg, ann)
     keep = sample_mask(q, cfg.seed)
@@ -174,18 +180,21 @@ def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
         "output": str(out),
     }
     report = balance_report(ann, q, keep, _targets(cfg, ann), extra)
-    write_report(report, report_dir)
+    write_report(report, folder)
     write_balanced_shards(ann, keep, out, cfg.shard_size)
-    log.info(
-        "balanced %d -> %d samples into %s (report: %s)", len(keep), keep.sum(), out, report_dir
-    )
+    log.info("balanced %d -> %d samples into %s (report: %s)", len(keep), keep.sum(), out, folder)
+
+
+def report_dir(out: Path) -> Path:
+    """Where the report of the balanced shards in ``out`` lives (beside them)."""
+    return out.with_name(out.name + "_report")
 
 
 def summarize_balance(out: Path) -> str:
     """The lines ``fairclip-balance`` prints: where the shards and report are, RB/AB, kept."""
-    report_dir = out.with_name(out.name + "_report")
-    report = json.loads((report_dir / "balance_report.json").read_text())
-    lines = [f"balanced shards: {out}", f"report: {report_dir}/balance_report.md"]
+    folder = report_dir(out)
+    report = json.loads((folder / "balance_report.json").read_text())
+    lines = [f"balanced shards: {out}", f"report: {folder}/balance_report.md"]
     for name, bias in report["data_bias"].items():
         lines.append(f"  {name:15s} RB={bias['rb']:.4f} AB={bias['ab']:.4f}")
     lines.append(f"  kept {report['kept']}/{report['rows']} ({report['kept_fraction']:.3f})")

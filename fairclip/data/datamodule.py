@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -19,11 +20,22 @@ from fairclip.data.stream import ShardStream, stream_loader
 log = logging.getLogger(__name__)
 
 
+class TrainShardBalancer(Protocol):
+    """Balanced train shards from ``data.train_shards`` (``fairclip.balance.ShardBalancer``)."""
+
+    def write(self, input_spec: Any) -> Path: ...
+
+    def output(self, input_spec: Any) -> Path: ...
+
+
 class ShardDataModule(L.LightningDataModule):
     """Train and eval loaders over WebDataset shards.
 
     ``preprocess_train``/``preprocess_val``/``tokenizer`` come from the model
     (:func:`fairclip.training.build` passes them), so the data always matches the model.
+    With a ``balancer`` (``balance=m4|group``), global rank 0 writes the balanced train shards
+    in ``prepare_data`` (the output sits beside the input, on storage every node sees) while the
+    other ranks wait at Lightning's barrier; ``setup`` then trains every rank on them.
     """
 
     def __init__(
@@ -43,8 +55,11 @@ class ShardDataModule(L.LightningDataModule):
         preprocess_train: Callable | None = None,
         preprocess_val: Callable | None = None,
         tokenizer: Callable | None = None,
+        balancer: TrainShardBalancer | None = None,
     ) -> None:
         super().__init__()
+        self.balancer = balancer
+        self.prepare_data_per_node = False  # one writer per job: the output is shared storage
         if not attributes:
             raise ValueError(
                 "data.attributes: expected at least one attribute family, e.g. {gender: [female, male]}"
@@ -99,8 +114,15 @@ class ShardDataModule(L.LightningDataModule):
             config_key=key,
         )
 
+    def prepare_data(self) -> None:
+        if self.balancer is not None and self.train_shards is not None:
+            self.balancer.write(self.train_shards)
+
     def setup(self, stage: str | None = None) -> None:
         trainer = getattr(self, "trainer", None)
+        if stage in (None, "fit") and self.balancer is not None and self.train_shards is not None:
+            self.train_shards = str(self.balancer.output(self.train_shards))
+            self.balancer = None  # balanced once: a second setup keeps these shards
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if stage in (None, "fit") and self.train_shards is not None and self.train_stream is None:
             self.train_stream = self._stream(self.train_shards, train=True)
