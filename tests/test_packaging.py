@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -39,7 +40,14 @@ def test_wheel_installs_and_trains_from_an_empty_directory(tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("PYTHONPATH", None)
     pip = [sys.executable, "-m", "pip"]
-    _run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)], REPO, env)  # fmt: skip
+    # build from a copy: setuptools builds in place and would leave build/ in the repository
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("fairclip", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    _run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)], src, env)  # fmt: skip
     wheel = next(tmp_path.glob("fairclip-*.whl"))
 
     fresh = tmp_path / "venv"

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from fairclip.callbacks.embeddings import encode_batch, step_embeddings
 from fairclip.files import atomic_write_text
@@ -293,18 +294,12 @@ class SAECallback(L.Callback):
 
 
 def gather_rows(trainer: L.Trainer, x: Tensor) -> Tensor:
-    """The rows of ``x`` from every rank, in rank order (ranks may hold different counts).
-
-    Lightning's ``all_gather`` needs equal shapes, so the counts go first and every rank pads
-    to the largest; a collective: every rank must call it.
-    """
+    """The rows of ``x`` from every rank, in rank order (ranks may hold different counts);
+    a collective: every rank must call it. ``gather_all_tensors`` pads and trims uneven
+    first dimensions for us."""
     if trainer.world_size == 1:
         return x
-    counts = trainer.strategy.all_gather(torch.tensor([x.shape[0]], device=x.device))
-    counts = counts.flatten().tolist()
-    pad = x.new_zeros(max(counts) - x.shape[0], *x.shape[1:])
-    stacked = trainer.strategy.all_gather(torch.cat([x, pad]))  # [world, max, ...]
-    return torch.cat([stacked[r, :n] for r, n in enumerate(counts)])
+    return torch.cat(gather_all_tensors(x.contiguous()))
 
 
 def gather_objects(trainer: L.Trainer, items: list) -> list:

@@ -5,6 +5,11 @@ References: Zaigrajew et al. 2025, "Interpreting CLIP with Hierarchical Sparse A
 Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (TopK, AuxK loss on dead latents,
 unit-norm decoder with tangent gradients, b_pre initialised from the data).
 
+Why our own and not a library's: the SAE packages (``sparsify``, ``overcomplete``,
+``sae-lens``) are built around language-model activations, and none gives MSAE's exact
+combination that SEM needs: nested TopK levels with per-level loss weights, keep-all
+inference, the fixed input scale stored with the weights, and a sparse-backward step.
+
 Conventions (read these before touching the weights directly):
 
 * Parameters live in a *scaled* input space ``x~ = s * e`` where ``s`` is the fixed buffer
