@@ -10,7 +10,7 @@ know which interventions are active.
 On disk (``save(dir)``): the base model as a plain open_clip export
 (``open_clip_config.json`` + ``open_clip_model.safetensors``) and ``debias.json`` +
 ``debias.safetensors`` listing the interventions (kind, side, constructor config) and their
-tensors. ``load(dir)`` rebuilds it; ``fairclip-eval model=<dir>`` evaluates it.
+tensors. ``load(dir)`` rebuilds it; ``fairclip-eval model.name=<dir>`` evaluates it.
 """
 
 from __future__ import annotations
