@@ -28,9 +28,9 @@ with a small table ``h`` ``[cells, 1 + c]`` built from ``w``. One sparse inciden
 dual evaluation, O(nnz) time and memory; the one-hot ``s`` is never materialised.
 
 Batch solver: L-BFGS-B on the smooth concave dual (bounds ``v+-, >= 0``), diagonally
-(Jacobi) scaled by each constraint's curvature ``mean(a_j^2)``; on skewed label
-frequencies it needed ~4x fewer evaluations than Jacobi-preconditioned FISTA, and without
-the scaling L-BFGS-B crawls. A dual value above the largest possible primal value proves
+(Jacobi) scaled by each constraint's curvature ``mean(a_j^2)``: on skewed label
+frequencies it needs fewer evaluations than Jacobi-preconditioned FISTA, and without the
+scaling L-BFGS-B crawls. A dual value above the largest possible primal value proves
 infeasibility (weak duality), which turns "the ascent diverges" into a certificate.
 The streaming solver is the paper's dual SGD, one minibatch step at a time (see
 :func:`solve_streaming`).

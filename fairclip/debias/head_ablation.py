@@ -185,28 +185,17 @@ def build_head_ablation(
     num_heads: int = 1,
     max_samples: int = 1000,
     batch_size: int = 256,
+    random_control: bool = False,
 ) -> DebiasedCLIP:
-    """Comparison builder: mean-ablate the ``num_heads`` top-scored heads.
+    """Comparison builder: mean-ablate the ``num_heads`` top-scored heads, or with
+    ``random_control`` the layer-matched random heads (``context["seed"]`` draws them).
 
     ``context`` (the method context or a plain mapping): ``train_shards``, ``attributes``,
     ``concepts`` (required); optional ``spec`` (EvalSpec: its group prompts), ``attribute``.
     """
-    chosen = scored_heads(bundle, context, head_score, num_heads, max_samples)
-    return ablation_model(bundle, chosen, context["train_shards"], context, max_samples, batch_size)
-
-
-def build_random_head_ablation(
-    bundle: Any,
-    context: Mapping[str, Any],
-    head_score: str = "projection",
-    num_heads: int = 1,
-    max_samples: int = 1000,
-    batch_size: int = 256,
-) -> DebiasedCLIP:
-    """Comparison builder: the layer-matched random-head control of
-    :func:`build_head_ablation` (same settings; ``context["seed"]`` draws the heads)."""
-    chosen = scored_heads(bundle, context, head_score, num_heads, max_samples)
-    heads = layer_matched_random(
-        chosen, head_shape(bundle.model.visual), int(context.get("seed", 0))
-    )
+    heads = scored_heads(bundle, context, head_score, num_heads, max_samples)
+    if random_control:
+        heads = layer_matched_random(
+            heads, head_shape(bundle.model.visual), int(context.get("seed", 0))
+        )
     return ablation_model(bundle, heads, context["train_shards"], context, max_samples, batch_size)
