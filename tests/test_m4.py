@@ -18,7 +18,7 @@ from fairclip.balance import (
     solve_streaming,
     weighted_counts,
 )
-from fairclip.balance.m4 import _Design
+from fairclip.balance.m4.problem import _Design
 from fairclip.balance.stats import validate_labels
 
 SIZES = (2, 7)
