@@ -18,7 +18,7 @@ from fairclip.eval.spec import (
     SPLITS,
     EvalSpec,
 )
-from fairclip.model.encode import class_embeddings, encode_prompts
+from fairclip.model.encode import class_embeddings, encode_prompts, zero_shot_classifier
 
 
 def eval_stream(
@@ -64,9 +64,7 @@ def encode_text_side(
     def classes(words: Sequence[str], templates: Sequence[str]) -> Tensor | None:
         if not words:
             return None
-        return class_embeddings(
-            model, tokenizer, [[t.format(w) for t in templates] for w in words], device
-        )
+        return zero_shot_classifier(model, tokenizer, words, templates, device)
 
     names = list(spec.attributes)
     return TextSide(

@@ -25,7 +25,7 @@ from fairclip.eval.spec import EvalSpec, resolve_splits
 from fairclip.files import atomic_write_text
 from fairclip.loading import load_model
 from fairclip.metrics import CramersV
-from fairclip.model.encode import class_embeddings
+from fairclip.model.encode import zero_shot_classifier
 from fairclip.report.head_audit import ablation_markdown, plot_scores
 from fairclip.report.io import save_json
 
@@ -44,8 +44,9 @@ def group_class_association(
     a labelled split. On the balanced eval split the true concept is independent of the group,
     so any association is the model's (more images than the neutral split: less noise)."""
     column = list(spec.attributes).index(attribute)
-    classes = [[t.format(c) for t in spec.zero_shot_templates] for c in spec.concepts]
-    weights = class_embeddings(model, tokenizer, classes, torch.device("cpu"))
+    weights = zero_shot_classifier(
+        model, tokenizer, spec.concepts, spec.zero_shot_templates, torch.device("cpu")
+    )
     metric = CramersV(len(spec.attributes[attribute]), len(spec.concepts))
     correct = total = 0
     for batch in iter_batches(
