@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/bench_sae.py                      # 50k x 512 synthetic, width 4096, k 32
     python benchmarks/bench_sae.py --embeddings emb.pt  # a saved (N, d) tensor
+    python benchmarks/bench_sae.py --preset ViT-B-16    # MSAE's ViT-B/16 shape: 16384, (256, 512)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fairclip.sae import SAEConfig, lr_schedule, sae_metrics, train_sae
+from fairclip.sae.presets import PRESETS
 
 
 def clip_like_embeddings(
@@ -81,6 +83,7 @@ def run_ours(train: torch.Tensor, test: torch.Tensor, args, k_levels) -> dict:
         d_in=train.shape[1],
         n_latents=args.width,
         k_levels=tuple(k_levels),
+        level_weights=args.level_weights,
         lr=args.lr,
         batch_size=args.batch_size,
         epochs=args.epochs,
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--k", type=int, default=32, help="top-k of the reference = our largest level")
     p.add_argument("--levels", default="8,16,32", help="our nested levels (last must equal --k)")
+    p.add_argument("--level-weights", default="uniform", choices=("uniform", "reverse"))
+    p.add_argument(
+        "--preset",
+        help="an SAE preset of fairclip.sae.presets (e.g. ViT-B-16): sets --d, --width, --k, "
+        "--levels and --level-weights",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -183,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write results here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.preset:
+        preset = PRESETS[args.preset]
+        args.d, args.width, args.level_weights = preset.d_in, preset.n_latents, preset.level_weights
+        args.k, args.levels = preset.k_levels[-1], ",".join(map(str, preset.k_levels))
     levels = [int(v) for v in args.levels.split(",")]
     if levels[-1] != args.k:
         p.error(f"--levels: the last level must equal --k={args.k}, got {levels}")

@@ -51,6 +51,7 @@ from fairclip.sae import (
     top_activating,
     train_sae,
 )
+from fairclip.sae.presets import sae_settings
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ class SAECallback(L.Callback):
         self,
         dirpath: str | Path,
         modalities: Sequence[str] = MODALITIES,
-        n_latents: int = 256,
+        preset: str = "auto",
+        model_name: str | None = None,
+        n_latents: int | None = None,
         k_levels: Sequence[int] | None = None,
+        level_weights: str | Sequence[float] | None = None,
         lr: float = 1e-3,
         batch_size: int = 256,
         every_n_steps: int = 20,
@@ -103,9 +107,13 @@ class SAECallback(L.Callback):
                 raise ValueError(f"callbacks.sae.{name}={value!r}: expected an int >= 1")
         self.dirpath = Path(dirpath)
         self.modalities = tuple(modalities)
-        self.sae_kwargs = {
-            "n_latents": int(n_latents),
+        self.preset, self.model_name = str(preset), model_name
+        self.explicit = {
+            "n_latents": int(n_latents) if n_latents is not None else None,
             "k_levels": tuple(k_levels) if k_levels else None,
+            "level_weights": level_weights,
+        }
+        self.sae_kwargs = {
             "lr": float(lr),
             "batch_size": int(batch_size),
             "seed": int(seed),
@@ -122,7 +130,10 @@ class SAECallback(L.Callback):
 
     # -- helpers -----------------------------------------------------------------------------
     def _config(self, d_in: int) -> SAEConfig:
-        return SAEConfig(d_in=d_in, epochs=self.final_epochs, **self.sae_kwargs)
+        settings = sae_settings(
+            self.preset, self.model_name, d_in, self.explicit, "callbacks.sae.preset"
+        )
+        return SAEConfig(d_in=d_in, epochs=self.final_epochs, **settings, **self.sae_kwargs)
 
     def _sae_for(self, mod: str, d_in: int, device: torch.device) -> MatryoshkaTopKSAE:
         """The modality's during-training SAE: restored from the checkpoint if there was one

@@ -1,4 +1,5 @@
-"""SAE files: safetensors weights with the config as JSON metadata."""
+"""SAE files: this project's (safetensors weights, config as JSON metadata) and the authors'
+``.pth`` checkpoints (:mod:`fairclip.sae.published`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 from fairclip.files import atomic_path
 from fairclip.sae.model import MatryoshkaTopKSAE, SAEConfig
+from fairclip.sae.published import is_published_sae, load_published_sae
 
 FORMAT = "fairclip.sae/v1"
 
@@ -27,8 +29,11 @@ def save_sae(sae: MatryoshkaTopKSAE, path: str | os.PathLike[str]) -> Path:
 
 
 def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> MatryoshkaTopKSAE:
-    """Load an SAE written by :func:`save_sae`; a missing or malformed file names the path."""
+    """Load an SAE written by :func:`save_sae`, or an authors' ``.pth`` (SEM's or MSAE's key
+    layout); a missing or malformed file names the path."""
     path = Path(path)
+    if is_published_sae(path):
+        return load_published_sae(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SAE file")
     try:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 EPS = 1e-12
+INPUT_NORMS = ("unit", "raw")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +96,9 @@ class SAEConfig:
         grad_clip: max global gradient norm, None to disable.
         normalize: scale inputs so that ``E||x - mean||^2 = d_in`` (see module docstring).
         seed: seeds the initialisation and the data order.
+        input_norm: what embeddings the SAE was trained on, so that its users (SEM) give it
+            the same: ``"unit"`` (L2-normalised, this project's SAEs) or ``"raw"`` (the
+            encoder's output as is, as the MSAE/SEM authors' released SAEs).
     """
 
     d_in: int
@@ -113,6 +117,7 @@ class SAEConfig:
     grad_clip: float | None = 1.0
     normalize: bool = True
     seed: int = 0
+    input_norm: str = "unit"
 
     def __post_init__(self) -> None:
         check_int("d_in", self.d_in, 1)
@@ -169,6 +174,10 @@ class SAEConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: expected None or a float > 0, got {self.grad_clip}")
         check_int("seed", self.seed, 0)
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(
+                f"input_norm: expected one of {list(INPUT_NORMS)}, got {self.input_norm!r}"
+            )
 
     @property
     def k_max(self) -> int:
@@ -372,6 +381,11 @@ class MatryoshkaTopKSAE(nn.Module):
             g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
 
     # ------------------------------------------------------------------------ inference
+    def prepare(self, emb: Tensor) -> Tensor:
+        """Embeddings as this SAE was trained on them: unit-norm or raw (``cfg.input_norm``)."""
+        x = emb.float()
+        return F.normalize(x, dim=-1) if self.cfg.input_norm == "unit" else x
+
     def preacts(self, x: Tensor) -> Tensor:
         """Dense pre-activations ``W_enc (s x - b_pre) + b_enc``, shape (N, n_latents)."""
         x = self._check_input(x)
