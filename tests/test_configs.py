@@ -41,6 +41,7 @@ GROUP_APP = {
     "debias": "debias_compare",
     "methods": "debias_compare",
     "prompts": "eval",
+    "protocol": "eval",
     "source": "shards",
 }
 # The dataset vocabulary each prompt set and debias set is written for.
@@ -64,12 +65,14 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
-OPTIONS = [(g, o) for g, opts in config_groups().items() for o in opts]
+# folders of shared fragments that other options of their group pull in by their defaults
+FRAGMENTS = {"hydra/job_logging", "debias/sets"}
+OPTIONS = [(g, o) for g, opts in config_groups().items() for o in opts if g not in FRAGMENTS]
 
 
 def test_every_config_group_has_an_app() -> None:
     """A new group of conf/ must be added to GROUP_APP, so the test below covers it."""
-    assert set(config_groups()) - {"hydra/job_logging"} == set(GROUP_APP)
+    assert set(config_groups()) - FRAGMENTS == set(GROUP_APP)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +176,33 @@ def test_every_option_composes_and_instantiates(
                 [*overrides, f"debias={option}", f"data={data}", f"prompts={data}"],
                 tmp_path,
             )
-            prompts = MethodContext(cfg, None, torch.device("cpu")).bias_prompts()  # type: ignore[arg-type]
-            assert set(prompts[cfg.attribute]) == set(cfg.data.attributes[cfg.attribute])
+            ctx = MethodContext(cfg, None, torch.device("cpu"))  # type: ignore[arg-type]
+            # every attribute the set debiases has prompts and Orth words for each data value
+            covered = [a for a in cfg.data.attributes if a in cfg.debias.bias_prompts]
+            assert cfg.attribute in covered
+            prompts, words = ctx.bias_prompts(covered), ctx.group_words(covered)
+            for attr in covered:
+                assert set(prompts[attr]) == set(words[attr]) == set(cfg.data.attributes[attr])
+            classes = ctx.class_prompts()
+            assert set(classes) == {str(c) for c in cfg.debias.classes}
+            if data != "synthetic":  # the real-data sets are at the SEM authors' scale
+                assert len(set(ctx.prompt_list("reference_prompts"))) >= 300
+                assert all(len(p) >= 20 for v in prompts.values() for p in v.values())
+                assert all(len(p) == 10 for p in classes.values())
+    elif group == "protocol":  # a paper's protocol sets the ks and targets of both apps
+        cfg = compose_entry("eval", ["model.name=fairclip-tiny", f"protocol={option}"], tmp_path)
+        spec = spec_from_cfg(cfg)
+        assert cfg.protocol.name == option and list(spec.skew_ks) == list(cfg.skew_ks)
+        assert list(spec.targets) == list(cfg.targets)
+        for key in cfg.protocol.columns.values():  # every column is a metric the spec makes
+            metric, k, _, target = key.replace("@", "/").split("/")
+            assert (
+                int(k) in spec.skew_ks and target in spec.targets and metric in ("maxskew", "ndkl")
+            )
+        compare = compose_entry(
+            "debias_compare", ["model.name=fairclip-tiny", f"protocol={option}"], tmp_path
+        )
+        assert compare.table_k == cfg.table_k and compare.target in spec.targets
     elif app == "eval":
         data = DATA_FOR[option]
         cfg = compose_entry(

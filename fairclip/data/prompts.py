@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -53,28 +52,6 @@ def expand_prompts(spec: Any, key: str) -> list[str]:
             out.extend([item] if isinstance(item, str) else expand_prompts(item, f"{key}[{i}]"))
         return list(dict.fromkeys(out))
     raise ValueError(f"{key}: expected a list of prompts or {{templates, words}}, got {spec!r}")
-
-
-def read_corpus_file(path: str | Path, key: str) -> list[str]:
-    """Captions of a UTF-8 text file, one per line (blank lines skipped): a general text corpus
-    for the SAE of a real CLIP, which needs far more text than prompt templates give."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{key}={str(path)!r}: no such file (expected UTF-8 text, one caption per line)"
-        )
-    lines = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{key}: {path}:{i} is not UTF-8 ({err.reason})") from err
-            if line:
-                lines.append(line)
-    if not lines:
-        raise ValueError(f"{key}: {path} holds no caption (expected one per line)")
-    return lines
 
 
 def _flatten(value: Any) -> list[str]:

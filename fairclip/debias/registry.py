@@ -17,6 +17,7 @@ from typing import Any
 COMPONENTS: dict[str, str] = {
     "sem": "fairclip.debias.sem:SEM",
     "orth_proj": "fairclip.debias.orth:OrthProj",
+    "orth_cali": "fairclip.debias.orth:OrthCali",
     "joint_text": "fairclip.debias.joint:JointTextHead",
     "joint_image": "fairclip.debias.joint:JointImageHead",
     "head_mean_ablation": "fairclip.debias.head_ablation:HeadMeanAblation",

@@ -28,10 +28,15 @@ An input that matches no class (cosine to every stored paraphrase below
 ``match_threshold``) uses its own latent for ``c`` (SEM_i, SEM_bi), so every variant works on
 arbitrary text embeddings.
 
-Choices (documented deviations): inputs are L2-normalised before the SAE (the SAEs here are
-trained on unit-norm embeddings) and the output is rescaled to the input norm; the SAE's
-reconstruction residual ``e - decode(encode(e))`` is added back (``keep_residual=True``) so
-an SAE with FVU > 0 does not by itself move embeddings that SEM leaves unmodulated.
+Inputs and output, as the authors: the SAE sees the embeddings it was trained on
+(``sae.cfg.input_norm``: raw for the authors' released SAEs, unit-norm for this project's,
+which are trained on unit-norm embeddings; a unit-norm input's output is scaled back to the
+input's norm), and the output is the decode ``W_dec z' + b_pre`` alone.
+
+Extension (``keep_residual=True``, off by default): add the SAE's reconstruction residual
+``x - decode(encode(x))`` back, so that an SAE with FVU > 0 does not by itself move what SEM
+leaves unmodulated; the paper's decode drops that residual, and with it whatever the SAE
+fails to reconstruct.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ class SEM(Intervention):
         n_classes: int = 0,
         class_names: Sequence[str] = (),
         match_threshold: float = 0.99,
-        keep_residual: bool = True,
+        keep_residual: bool = False,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"sem.variant={variant!r}: expected one of {list(VARIANTS)}")
@@ -171,21 +176,21 @@ class SEM(Intervention):
     def forward(self, emb: Tensor) -> Tensor:
         dtype = emb.dtype
         x = emb.float()
-        norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        unit = x / norm
-        z = self.sae.encode(unit)
-        z_mod = self.modulated_latents(unit, z)
-        out = self.sae.decode(z_mod)
+        x_in = self.sae.prepare(x)
+        z = self.sae.encode(x_in)
+        out = self.sae.decode(self.modulated_latents(F.normalize(x, dim=-1), z))
         if self.config["keep_residual"]:
-            out = out + (unit - self.sae.decode(z))
-        return (out * norm).to(dtype)
+            out = out + (x_in - self.sae.decode(z))
+        if self.sae.cfg.input_norm == "unit":
+            out = out * x.norm(dim=-1, keepdim=True)
+        return out.to(dtype)
 
 
 def _latents(sae: MatryoshkaTopKSAE, encode: Encoder, prompts: Sequence[str], key: str) -> Tensor:
     if not prompts:
         raise ValueError(f"{key}: expected at least one prompt, got []")
     with torch.no_grad():
-        return sae.encode(F.normalize(encode(list(prompts)).float(), dim=-1))
+        return sae.encode(sae.prepare(encode(list(prompts))))
 
 
 def fit_sem(
@@ -196,10 +201,11 @@ def fit_sem(
     bias_prompts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     class_prompts: Mapping[str, Sequence[str]] | None = None,
     match_threshold: float = 0.99,
-    keep_residual: bool = True,
+    keep_residual: bool = False,
     key: str = "debias.sem",
 ) -> SEM:
-    """Compute SEM's statistics with ``encode`` (prompts -> text embeddings of the base model).
+    """Compute SEM's statistics with ``encode`` (prompts -> the base model's text embeddings,
+    raw or unit-norm: each is prepared as the SAE was trained, see ``cfg.input_norm``).
 
     ``bias_prompts``: attribute -> value -> prompts (SEM_b, SEM_bi); ``class_prompts``: class
     -> paraphrases (SEM_i, SEM_bi; the query itself should be among them). Errors name ``key``.
@@ -263,11 +269,11 @@ def flagged_lean_share(sem: SEM, emb: Tensor, directions: Tensor, threshold: flo
     can remove the lean and near 0 it cannot; below 0 or above 1 the flagged and content
     parts point opposite ways (the lean also has a b_pre and a residual part).
     """
-    unit = F.normalize(emb.float(), dim=-1)
+    x_in = sem.sae.prepare(emb)
     flagged = sem.bias > threshold
-    z = sem.sae.encode(unit)[:, flagged]
+    z = sem.sae.encode(x_in)[:, flagged]
     part = (z @ sem.sae.W_dec[flagged]) / sem.sae.input_scale
-    total = unit @ directions.T
+    total = x_in @ directions.T
     return float((total.sign() * (part @ directions.T)).sum() / total.abs().sum().clamp_min(1e-12))
 
 
@@ -280,7 +286,7 @@ def build_sem(bundle: Any, ctx: Any, variant: str) -> DebiasedCLIP:
     sem = fit_sem(
         variant,
         ctx.sae,
-        ctx.encode,
+        ctx.encode_raw,
         ctx.prompt_list("reference_prompts"),
         bias_prompts=ctx.bias_prompts() if variant != "i" else None,
         class_prompts=ctx.class_prompts() if variant != "b" else None,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fairclip.data.prompts import expand_prompts, read_corpus_file
+from fairclip.data.prompts import expand_prompts
 from fairclip.data.samples import CaptionCollate, SampleDecoder
 from fairclip.data.shards import list_shards, read_captions
 from fairclip.data.stream import ShardStream
@@ -23,6 +23,8 @@ from fairclip.eval.spec import spec_from_cfg
 from fairclip.model.encode import encode_prompts
 from fairclip.model.factory import ModelBundle
 from fairclip.sae import MatryoshkaTopKSAE, SAEConfig, load_sae, sae_metrics, train_sae
+from fairclip.sae.corpus import train_sae_on_corpus
+from fairclip.sae.presets import sae_settings
 
 SAE_FILE = Path("sae") / "text_sae.safetensors"
 
@@ -74,6 +76,13 @@ class MethodContext(Mapping[str, Any]):
         """Unit-norm text embeddings of the *base* model (interventions fit on these)."""
         return encode_prompts(self.bundle.model, self.bundle.tokenizer, list(prompts), self.device)
 
+    @torch.no_grad()
+    def encode_raw(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The base model's text embeddings as ``encode_text`` returns them (what a text
+        intervention receives, and what the authors' SAEs were trained on)."""
+        model, tokenizer = self.bundle.model, self.bundle.tokenizer
+        return encode_prompts(model, tokenizer, list(prompts), self.device, normalize=False)
+
     def prompt_list(self, key: str) -> list[str]:
         """An expanded prompt list of ``cfg.debias.<key>``."""
         return expand_prompts(self.cfg.debias[key], f"debias.{key}")
@@ -106,6 +115,28 @@ class MethodContext(Mapping[str, Any]):
             for attr, vals in raw.items()
             if attr in wanted
         }
+
+    def group_words(self, attributes: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``debias.orth_proj.group_words`` of ``attributes`` (default: ``debias_attributes``):
+        Orth-Proj/Cali's spurious prompts and pairs, checked against the data's values."""
+        raw = self.cfg.debias.orth_proj.get("group_words") or {}
+        chosen = self.cfg.debias_attributes if attributes is None else attributes
+        wanted = [str(a) for a in chosen]
+        missing = [a for a in wanted if a not in raw]
+        if missing:
+            raise ValueError(
+                f"debias_attributes={wanted}: debias.orth_proj.group_words has no words for "
+                f"{missing} (it has {list(raw)})"
+            )
+        data_attrs = self.cfg.data.attributes
+        for attr in wanted:
+            values, expected = list(raw[attr]), list(data_attrs.get(attr, []))
+            if attr in data_attrs and set(values) != set(expected):
+                raise ValueError(
+                    f"debias.orth_proj.group_words.{attr}: words for {values}, but "
+                    f"data.attributes.{attr}={expected}"
+                )
+        return {a: OmegaConf.to_container(raw[a], resolve=True) for a in wanted}
 
     def class_prompts(self) -> dict[str, list[str]]:
         templates = list(self.cfg.debias.class_templates)
@@ -159,8 +190,6 @@ class MethodContext(Mapping[str, Any]):
                 )
             corpus += found
         corpus_file = self.cfg.sae_train.get("corpus_file")
-        if corpus_file:
-            corpus += read_corpus_file(corpus_file, "sae_train.corpus_file")
         corpus = list(dict.fromkeys([*corpus, *self.prompt_list("reference_prompts")]))
         if len(corpus) > 10_000:
             log.info("encoding %d prompts for the SAE", len(corpus))
@@ -181,17 +210,36 @@ class MethodContext(Mapping[str, Any]):
             if st.image_samples > 0:
                 n = int(st.image_samples)
                 data = torch.cat([text, self._cached("images", lambda: self._image_embeddings(n))])
+            explicit = {
+                "n_latents": st.n_latents,
+                "k_levels": tuple(st.k_levels) if st.k_levels else None,
+                "level_weights": st.get("level_weights"),
+            }
+            preset = str(st.get("preset", "auto"))
+            settings = sae_settings(
+                preset, self.bundle.name, text.shape[1], explicit, "sae_train.preset"
+            )
             sae_cfg = SAEConfig(
                 d_in=text.shape[1],
-                n_latents=int(st.n_latents),
-                k_levels=tuple(st.k_levels) if st.k_levels else None,
+                **settings,
                 epochs=int(st.epochs),
                 batch_size=int(st.batch_size),
                 lr=float(st.lr),
                 seed=int(self.options.get("seed", self.cfg.seed)),
             )
-            sae, _ = train_sae(data, sae_cfg, progress=False)
-            self.sae_info["source"] = f"trained on {data.shape[0]} embeddings"
+            if corpus_file:  # streamed: a caption corpus can hold millions of lines
+                sae, hist = train_sae_on_corpus(
+                    corpus_file, self.encode, sae_cfg, extra=data,
+                    epochs=int(st.get("corpus_epochs", 1)), progress=bool(self.cfg.progress),
+                )  # fmt: skip
+                rows = data.shape[0] + hist["captions"]
+                self.sae_info["corpus_captions"] = hist["captions"]
+            else:
+                sae, _ = train_sae(data, sae_cfg, progress=False)
+                rows = data.shape[0]
+            self.sae_info["source"] = f"trained on {rows} embeddings"
+        if sae.cfg.input_norm == "raw":  # an authors' SAE: measured on what it was trained on
+            text = self._cached("sae_corpus_raw", lambda: self.encode_raw(corpus))
         self.sae_info.update(
             {k: v for k, v in sae_metrics(sae, text).items() if k in _SAE_KEYS},
             corpus_prompts=len(corpus),

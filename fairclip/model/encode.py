@@ -50,15 +50,23 @@ def eval_mode(model: Any) -> Iterator[None]:
 
 @torch.no_grad()
 def encode_prompts(
-    model: Any, tokenizer: Callable, prompts: Sequence[str], device: torch.device, chunk: int = 512
+    model: Any,
+    tokenizer: Callable,
+    prompts: Sequence[str],
+    device: torch.device,
+    chunk: int = 512,
+    normalize: bool = True,
 ) -> Tensor:
-    """Unit-norm text embeddings ``[len(prompts), D]`` (float32), encoded in chunks; a progress
-    bar from 10 chunks on (a caption corpus for an SAE can take minutes on a CPU)."""
+    """Text embeddings ``[len(prompts), D]`` (float32; unit-norm unless ``normalize=False``),
+    encoded in chunks; a progress bar from 10 chunks on (a caption corpus for an SAE can take
+    minutes on a CPU)."""
     starts = range(0, len(prompts), chunk)
     bar = tqdm(starts, desc="encoding prompts", unit="chunk", disable=len(starts) < 10 or None)
     with eval_mode(model):
         out = [
-            model.encode_text(tokenizer(list(prompts[i : i + chunk])).to(device), normalize=True)
+            model.encode_text(
+                tokenizer(list(prompts[i : i + chunk])).to(device), normalize=normalize
+            )
             for i in bar
         ]
     return torch.cat(out).float()
