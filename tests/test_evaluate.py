@@ -321,9 +321,11 @@ def cli_report(trained_run: Path, synthetic_dir: Path, tmp_path_factory) -> Path
 @pytest.fixture(scope="module")
 def shuffled_report(trained_run: Path, shuffled_dir: Path, tmp_path_factory) -> Path:
     """The same model (given as its run dir: export/ holds the same weights) on the same
-    images with the group labels shuffled."""
+    images with the group labels shuffled, under the synthetic benchmark's protocol."""
     out = tmp_path_factory.mktemp("eval_shuffled")
-    overrides = [f"model.name={trained_run}", f"splits.neutral={shuffled_dir}/neutral"]
+    overrides = [
+        f"model.name={trained_run}", f"splits.neutral={shuffled_dir}/neutral", "protocol=synthetic"
+    ]  # fmt: skip
     run(compose_eval(eval_overrides(shuffled_dir, *overrides, "plots=false"), out))
     return out
 
@@ -354,6 +356,12 @@ def test_eval_of_trained_checkpoint_shows_planted_bias(
     # The same model on the same images with the group labels shuffled: the planted
     # association (gender <-> occupation) is what makes the real-label numbers large.
     shuffled = flatten_metrics(load_report(shuffled_report))
+    protocol = (shuffled_report / "protocol.md").read_text()  # the protocol's table layout
+    assert (
+        protocol.startswith("## Protocol synthetic") and "| MaxSkew@10 | MaxSkew@50 |" in protocol
+    )
+    value = shuffled["skew/concepts/maxskew@10/gender/eq_opp"]
+    assert f"| concepts | gender | {value:.4f} |" in protocol
     assert shuffled["zeroshot/acc"] == pytest.approx(planted["zeroshot/acc"])
     for k in ("skew/concepts/maxskew@50/gender/eq_opp", "skew/concepts/ndkl@10/gender/eq_opp"):
         assert planted[k] > shuffled[k] + 0.15, (k, planted[k], shuffled[k])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
@@ -37,6 +37,7 @@ from fairclip.eval.spec import (
     spec_from_cfg,
     warn_if_ks_cover_split,
 )
+from fairclip.files import atomic_write_text
 from fairclip.loading import load_model
 from fairclip.metrics import (
     CramersV,
@@ -50,6 +51,7 @@ from fairclip.metrics.group_counts import GroupCounts
 from fairclip.model.encode import eval_mode, model_dtype
 from fairclip.report import compare_reports, log_to_wandb, write_report
 from fairclip.report.io import REPORT_SCHEMA
+from fairclip.report.protocol import protocol_markdown
 from fairclip.runtime import stable_id
 
 log = logging.getLogger(__name__)
@@ -362,6 +364,11 @@ def evaluate_config(cfg: DictConfig) -> dict[str, Any]:
         "name": bundle.name,
     }
     files = write_report(report, out_dir, plots=cfg.plots)
+    if cfg.get("protocol"):  # the paper's table layout, beside report.md
+        protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+        table = protocol_markdown(report, protocol)
+        files["protocol"] = atomic_write_text(out_dir / "protocol.md", table + "\n")
+        print(table)
     if wandb_kwargs is not None:
         log_to_wandb(report, files, out_dir, **wandb_kwargs)
     log.info("bias report written to %s", files["json"])
