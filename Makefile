@@ -70,7 +70,7 @@ demo-minilm-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 test: venv
 	$(BIN)/pytest -m "not slow" --durations=10
 
-# the tests marked slow (multi-process DDP runs, ~1 min on 2 cores); CI runs them after `test`
+# the tests marked slow (multi-process DDP runs, whole demo trainings); CI runs them after `test`
 test-slow: venv
 	$(BIN)/pytest -m slow --durations=5
 

@@ -345,6 +345,7 @@ def test_joint_during_a_real_fit(synthetic_dir: Path, tmp_path: Path) -> None:
     assert loaded.text[0].mlp2[2].weight.abs().sum() > 0
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow tests
 def test_joint_during_two_process_ddp_keeps_one_set_of_heads(
     synthetic_dir: Path, tmp_path: Path
 ) -> None:

@@ -117,6 +117,7 @@ def test_compare_uses_the_run_sae(sae_run: Path, synthetic_dir: Path, tmp_path: 
     assert (tmp_path / "compare.md").is_file()
 
 
+@pytest.mark.slow  # minutes on 2 cores: CI runs it with the slow tests
 def test_sae_under_two_process_ddp_learns_from_every_rank(
     synthetic_dir: Path, tmp_path: Path
 ) -> None:

@@ -242,7 +242,7 @@ def test_compare_logs_the_table_to_wandb(table: dict) -> None:
     (run_dir,) = (table["out"] / "wandb").glob("offline-run-*")
     media = run_dir / "files" / "media"
     logged = json.loads(next((media / "table" / "debias_compare").glob("table_*")).read_text())
-    assert logged["columns"][0] == "method" and len(logged["data"]) == 5
+    assert logged["columns"][0] == "method" and len(logged["data"]) == 6
     row = next(r for r in logged["data"] if r[0] == "sem_b")
     sem_b = dict(zip(logged["columns"], row, strict=True))
     assert sem_b["maxskew@10"] == pytest.approx(table["rows"]["sem_b"]["maxskew@10"])
@@ -260,7 +260,7 @@ def test_compare_on_the_spurious_background(
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path,
         "data=synthetic_spurious",
-        "attribute=background", "methods=[clip,orth_proj]",
+        "attribute=background", "methods=[clip,orth_proj]", "debias.orth_proj.variant=centred",
     )  # fmt: skip
     result = run(cfg)
     rows = result["rows"]
@@ -273,7 +273,8 @@ def test_compare_on_the_spurious_background(
     assert min(min(v.values()) for v in by_cell.values()) == pytest.approx(
         rows["clip"]["worst_class_group_acc"]
     )
-    assert abs(rows["orth_proj"]["class_lean"]) < 1e-3  # the background direction is gone
+    # the centred Orth-Proj projects out the directions the lean is measured along
+    assert abs(rows["orth_proj"]["class_lean"]) < 1e-3
     ctx = MethodContext(cfg, load_model(str(demo_run)), torch.device("cpu"))
     assert list(ctx.bias_prompts()) == ["background"]
 
@@ -544,7 +545,7 @@ def test_fairclip_debias_command(demo_run: Path, synthetic_dir: Path, tmp_path: 
     cmd = [
         str(Path(sys.executable).parent / "fairclip-debias"), f"model.name={demo_run}",
         f"data.val_shards={synthetic_dir}/eval", "table_k=10", "methods=[clip,orth_proj]",
-        "wandb.enabled=false", f"hydra.run.dir={out}",
+        "debias.orth_proj.variant=centred", "wandb.enabled=false", f"hydra.run.dir={out}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
