@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 export OMP_NUM_THREADS ?= 2
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo demo-lit demo-minilm demo-minilm-lit demo-spurious test test-slow test-all test-slurm lint format bench clean
+.PHONY: venv demo demo-lit compare-lit demo-minilm demo-minilm-lit demo-spurious test test-slow test-all test-slurm lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-lit: venv $(DATA)/train/sizes.json $(BALANCED)/train/sizes.json
 	rm -rf logs/demo_balanced logs/demo_lit  # fixed run dirs: a rerun rebuilds them
 	$(BIN)/fairclip-train experiment=demo paths.data_dir=$(dir $(DATA)) data.train_shards=$(BALANCED)/train hydra.run.dir=logs/demo_balanced
 	$(BIN)/fairclip-train experiment=demo_lit paths.data_dir=$(dir $(DATA)) model.pretrained=logs/demo_balanced/export/open_clip_model.safetensors hydra.run.dir=logs/demo_lit
+
+# The LiT demo's comparison table with the published defaults (docs/results/sem_published_defaults.md)
+compare-lit: venv
+	$(BIN)/fairclip-debias model.name=logs/demo_lit paths.data_dir=$(dir $(DATA)) "methods=[clip,orth_proj,orth_cali,sem_i,sem_b,sem_bi]" "seeds=[0,1,2,3,4]" wandb.enabled=false hydra.run.dir=logs/demo_lit/compare
 
 # The spurious-background demo (Waterbirds-style; README): as demo-lit, on data whose
 # background colour family is named in captions and, in the biased split, tied to the
