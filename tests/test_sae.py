@@ -295,3 +295,23 @@ def test_bad_inputs_raise():
         train_sae(torch.zeros(10, 8), sae.cfg, progress=False)
     with pytest.raises(ValueError, match="finite"):
         sae.init_from_data(torch.full((4, 16), float("nan")))
+
+
+def test_initial_encoder_scale_fits_the_top_k_reconstruction() -> None:
+    """init_from_data scales the tied encoder by the least-squares factor: at k_max = d_in
+    (MSAE's top level) the unscaled start reconstructs at several times the input's norm."""
+    x = torch.nn.functional.normalize(torch.randn(1000, 64) + 0.5, dim=1)
+    sae = MatryoshkaTopKSAE(SAEConfig(d_in=64, n_latents=2048, k_levels=(32, 64)))
+    sae.init_from_data(x)
+
+    def err(scale: float) -> float:
+        w = sae.W_enc.detach().clone()
+        with torch.no_grad():
+            sae.W_enc.mul_(scale)
+            xs = x * sae.input_scale - sae.b_pre
+            recon = sae.decode(sae.encode(x, k=64)) * sae.input_scale - sae.b_pre
+            sae.W_enc.copy_(w)
+        return float((recon - xs).square().sum() / xs.square().sum())
+
+    assert err(1.0) < 0.5  # fits; the unit tied start is far above 1
+    assert err(1.0) <= min(err(0.98), err(1.02)) + 1e-6  # the least-squares scale

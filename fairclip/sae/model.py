@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 EPS = 1e-12
 INPUT_NORMS = ("unit", "raw")
+INIT_ROWS = 4096  # rows of the first batch that fit the initial encoder scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,8 +354,28 @@ class MatryoshkaTopKSAE(nn.Module):
             scale = 1.0
         self.input_scale.fill_(scale)
         self.b_pre.copy_(mean * scale)
+        self._fit_encoder_scale_(x[:INIT_ROWS] * scale - self.b_pre)
         self.initialized.fill_(True)
         return self
+
+    @torch.no_grad()
+    def _fit_encoder_scale_(self, xc: Tensor) -> None:
+        """Scale the tied encoder so the initial top-k_max reconstruction fits the centred
+        inputs in least squares.
+
+        Why: with unit decoder rows, k_max active latents of a tied encoder sum to far more
+        than the input's norm once k_max is a sizeable share of d_in (MSAE's levels go up to
+        d_in), and a short run does not recover. With ``b_enc = 0`` the activations are linear
+        in the scale and the selected latents do not depend on it, so the best scale is
+        ``<x, r> / <r, r>`` for the reconstruction ``r`` at scale 1.
+        """
+        if bool(self.b_enc.any()):
+            return  # not a fresh SAE: the activations are not linear in the scale
+        vals, idx = F.relu(xc @ self.W_enc.T).topk(self.cfg.k_max, dim=1)
+        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        denom = recon.square().sum()
+        if denom.item() > EPS:
+            self.W_enc.mul_((xc * recon).sum().clamp_min(EPS) / denom)
 
     @property
     def dead_mask(self) -> Tensor:
