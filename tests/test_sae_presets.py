@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from fairclip.sae import SAEConfig
+from fairclip.sae.corpus import train_sae_on_corpus
 from fairclip.sae.presets import PRESETS, preset_for, sae_settings, scaled_preset
 
 
@@ -53,10 +55,6 @@ def test_explicit_settings_override_the_preset() -> None:
 
 
 def test_corpus_file_trains_streamed_a_chunk_at_a_time(tmp_path) -> None:
-    import torch
-
-    from fairclip.sae.corpus import train_sae_on_corpus
-
     lines = [f"caption number {i}" for i in range(600)]
     corpus = tmp_path / "captions.txt"
     corpus.write_text("\n".join(lines[:300] + ["", "  "] + lines[300:]) + "\n")

@@ -18,6 +18,7 @@ All act on raw embeddings: a linear map commutes with the later L2 normalisation
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -104,7 +105,7 @@ def fit_orth_cali(
 ) -> OrthCali:
     """Chuang et al.'s calibrated projection ``P* = P0 (I + lam M)^-1``, ``M`` the mean of
     ``(z_i - z_j)(z_i - z_j)^T`` over the unit embeddings of the positive ``pairs``."""
-    if not (lam >= 0 and torch.isfinite(torch.tensor(lam))):
+    if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"{key}.lam={lam}: expected a finite float >= 0")
     if not pairs:
         raise ValueError(f"{key}.pair_templates: expected at least one positive pair, got none")

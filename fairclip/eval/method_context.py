@@ -87,18 +87,17 @@ class MethodContext(Mapping[str, Any]):
         """An expanded prompt list of ``cfg.debias.<key>``."""
         return expand_prompts(self.cfg.debias[key], f"debias.{key}")
 
-    def bias_prompts(
-        self, attributes: Sequence[str] | None = None
-    ) -> dict[str, dict[str, list[str]]]:
-        """Bias prompts of ``attributes`` (default: ``debias_attributes``, the ones the methods
-        debias)."""
-        raw = self.cfg.debias.bias_prompts
+    def _per_attribute(
+        self, raw: Any, key: str, noun: str, attributes: Sequence[str] | None, hint: str = ""
+    ) -> list[str]:
+        """The attributes wanted (default: ``debias_attributes``), each checked to be in
+        ``raw`` (the config node at ``key``) with exactly the data's values."""
         chosen = self.cfg.debias_attributes if attributes is None else attributes
         wanted = [str(a) for a in chosen]
         missing = [a for a in wanted if a not in raw]
         if missing:
             raise ValueError(
-                f"debias_attributes={wanted}: debias.bias_prompts has no prompts for {missing} "
+                f"debias_attributes={wanted}: {key} has no {noun} for {missing} "
                 f"(it has {list(raw)})"
             )
         data_attrs = self.cfg.data.attributes
@@ -106,10 +105,21 @@ class MethodContext(Mapping[str, Any]):
             values, expected = list(raw[attr]), list(data_attrs.get(attr, []))
             if attr in data_attrs and set(values) != set(expected):
                 raise ValueError(
-                    f"debias.bias_prompts.{attr}: prompts for {values}, but "
-                    f"data.attributes.{attr}={expected} (pick the debias set of this dataset, "
-                    "e.g. debias=utkface for UTKFace's race groups)"
+                    f"{key}.{attr}: {noun} for {values}, but data.attributes.{attr}={expected}"
+                    + hint
                 )
+        return wanted
+
+    def bias_prompts(
+        self, attributes: Sequence[str] | None = None
+    ) -> dict[str, dict[str, list[str]]]:
+        """Bias prompts of ``attributes`` (default: ``debias_attributes``, the ones the methods
+        debias)."""
+        raw = self.cfg.debias.bias_prompts
+        hint = (
+            " (pick the debias set of this dataset, e.g. debias=utkface for UTKFace's race groups)"
+        )
+        wanted = self._per_attribute(raw, "debias.bias_prompts", "prompts", attributes, hint)
         return {
             attr: {v: expand_prompts(p, f"debias.bias_prompts.{attr}.{v}") for v, p in vals.items()}
             for attr, vals in raw.items()
@@ -120,22 +130,7 @@ class MethodContext(Mapping[str, Any]):
         """``debias.orth_proj.group_words`` of ``attributes`` (default: ``debias_attributes``):
         Orth-Proj/Cali's spurious prompts and pairs, checked against the data's values."""
         raw = self.cfg.debias.orth_proj.get("group_words") or {}
-        chosen = self.cfg.debias_attributes if attributes is None else attributes
-        wanted = [str(a) for a in chosen]
-        missing = [a for a in wanted if a not in raw]
-        if missing:
-            raise ValueError(
-                f"debias_attributes={wanted}: debias.orth_proj.group_words has no words for "
-                f"{missing} (it has {list(raw)})"
-            )
-        data_attrs = self.cfg.data.attributes
-        for attr in wanted:
-            values, expected = list(raw[attr]), list(data_attrs.get(attr, []))
-            if attr in data_attrs and set(values) != set(expected):
-                raise ValueError(
-                    f"debias.orth_proj.group_words.{attr}: words for {values}, but "
-                    f"data.attributes.{attr}={expected}"
-                )
+        wanted = self._per_attribute(raw, "debias.orth_proj.group_words", "words", attributes)
         return {a: OmegaConf.to_container(raw[a], resolve=True) for a in wanted}
 
     def class_prompts(self) -> dict[str, list[str]]:
