@@ -309,8 +309,8 @@ def write_celeba(folder: Path, rows: dict[str, dict[str, int]], count: int | Non
 def test_celeba_maps_columns_and_partitions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows = {
         "000001.jpg": {"Male": -1, "Young": 1},
-        "000002.jpg": {"Male": 1, "Young": 1},
-        "000003.jpg": {"Male": 1, "Young": -1},
+        "000002.jpg": {"Male": 1, "Young": 1, "Blond_Hair": 1},
+        "000003.jpg": {"Male": 1, "Young": -1, "Black_Hair": 1, "Gray_Hair": 1},
         "000004.jpg": {"Male": -1, "Young": -1},
     }
     labels_file = write_celeba(tmp_path, rows)
@@ -323,13 +323,21 @@ def test_celeba_maps_columns_and_partitions(tmp_path: Path, capsys: pytest.Captu
     common = [f"labels={labels_file}", f"images={images}", f"out={tmp_path}/out"]
     counts = run_cli(capsys, "celeba", *common, f"partition_file={partition}", "partition=test")
     assert counts == {"test": 2, "missing_images": 0, "age=old": 1, "age=young": 1,
-                      "gender=male": 2}  # fmt: skip
+                      "gender=male": 2, "hair=blond hair": 1, "hair=dark hair": 1,
+                      "hair_colour=black": 1, "hair_colour=blond": 1}  # fmt: skip
     labels = read_labels(tmp_path / "out" / "test")
-    assert labels == {"000002": {"gender": "male", "age": "young"},
-                      "000003": {"gender": "male", "age": "old"}}  # fmt: skip
+    # a one-hot family takes its first listed column that is 1 (Black before Gray)
+    assert labels == {
+        "000002": {"gender": "male", "age": "young", "hair": "blond hair", "hair_colour": "blond"},
+        "000003": {"gender": "male", "age": "old", "hair": "dark hair", "hair_colour": "black"},
+    }
+    counts = run_cli(capsys, "celeba", *common, f"out={tmp_path}/all")
+    assert counts["hair_colour=other"] == 2  # no hair-colour column is 1
 
-    with pytest.raises(ValueError, match=r"attributes.gender.column='Mal': not a column of"):
+    with pytest.raises(ValueError, match=r"attributes.gender.column: 'Mal' is not a column of"):
         run_cli(capsys, "celeba", *common, "attributes.gender.column=Mal")
+    with pytest.raises(ValueError, match=r"attributes.hair_colour.columns: 'Red_Hair' is not a"):
+        run_cli(capsys, "celeba", *common, "+attributes.hair_colour.columns.Red_Hair=red")
     write_celeba(tmp_path, rows, count=5)
     with pytest.raises(ValueError, match=r"list_attr_celeba.txt: line 1 says 5 images, found 4"):
         run_cli(capsys, "celeba", *common)

@@ -6,6 +6,7 @@ launchers, and fairclip-data's adapters."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytest
@@ -52,7 +53,25 @@ DATA_FOR = {
     "fairface": "fairface",
     "utkface": "utkface",
     "celeba": "celeba",
+    "celeba_blond": "celeba_blond",
+    "celeba_hair": "celeba_hair",
 }
+
+
+def _assert_spec_makes(spec: Any, source: str, key: str) -> None:
+    """A protocol column ``key`` under ``source`` is a metric the eval spec computes."""
+    metric, _, rest = key.partition("@")
+    if source == "skew":
+        k, _, target = rest.split("/")
+        ks = [*spec.skew_ks, *(["all"] if spec.whole_ranking else [])]
+        assert metric in ("maxskew", "ndkl") and target in spec.targets
+        assert (int(k) if k != "all" else k) in ks
+    elif source == "folds.retrieval":
+        assert spec.folds is not None and metric in ("kl", "maxskew", "precision")
+        assert int(rest.split("/")[0]) == spec.folds.k
+    else:
+        assert source in ("zeroshot", "folds.zeroshot"), source
+        assert key in ("acc", "wg_acc/{attribute}", "worst_group_acc/{attribute}")
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -194,11 +213,9 @@ def test_every_option_composes_and_instantiates(
         spec = spec_from_cfg(cfg)
         assert cfg.protocol.name == option and list(spec.skew_ks) == list(cfg.skew_ks)
         assert list(spec.targets) == list(cfg.targets)
-        for key in cfg.protocol.columns.values():  # every column is a metric the spec makes
-            metric, k, _, target = key.replace("@", "/").split("/")
-            assert (
-                int(k) in spec.skew_ks and target in spec.targets and metric in ("maxskew", "ndkl")
-            )
+        for table in cfg.protocol.tables.values():  # every column is a metric the spec makes
+            for key in table.columns.values():
+                _assert_spec_makes(spec, str(table.source), str(key))
         compare = compose_entry(
             "debias_compare", ["model.name=fairclip-tiny", f"protocol={option}"], tmp_path
         )

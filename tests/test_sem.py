@@ -255,14 +255,23 @@ def test_compare_logs_the_table_to_wandb(table: dict) -> None:
 def test_compare_on_the_spurious_background(
     demo_run: Path, synthetic_dir: Path, tmp_path: Path
 ) -> None:
-    """data=synthetic_spurious attribute=background: (concept, background) cells, and Orth-Proj
-    fitted on the background prompts only (debias_attributes defaults to the attribute)."""
+    """data=synthetic_spurious attribute=background (the Waterbirds-style split): (concept,
+    background) cells, Orth-Proj fitted on the background prompts only (debias_attributes
+    defaults to the attribute), and SEM's protocol table per method."""
     cfg = _compare_cfg(
         demo_run, synthetic_dir, tmp_path,
-        "data=synthetic_spurious",
+        "data=synthetic_spurious", "protocol=sem2026", "folds.k=50",
         "attribute=background", "methods=[clip,orth_proj]", "debias.orth_proj.variant=centred",
     )  # fmt: skip
     result = run(cfg)
+    paper = (tmp_path / "protocol.md").read_text()
+    assert result["protocol"] == "sem2026" and paper in (tmp_path / "compare.md").read_text()
+    for name in ("clip", "orth_proj"):
+        zs = result["metrics"][name]["folds"]["zeroshot"]
+        assert (
+            f"| {name} | {zs['acc']:.4f} ± {zs['acc/ci']:.4f} | {zs['wg_acc/background']:.4f}"
+            in paper
+        )
     rows = result["rows"]
     zs = result["metrics"]["clip"]["zeroshot"]
     cells = [zs[f"acc/background={b}"] for b in ("warm", "cool")]

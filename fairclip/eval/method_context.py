@@ -323,5 +323,7 @@ def eval_view(cfg: DictConfig) -> DictConfig:
             "targets": [cfg.target],
             "require_all_groups": True,
             "label_key": cfg.label_key,
+            "folds": OmegaConf.to_container(cfg.folds) if cfg.get("folds") else None,
+            "whole_ranking": bool(cfg.get("whole_ranking", False)),
         }
     )

@@ -37,6 +37,7 @@ from fairclip.report.method_table import (
     score_gap_note,
     seeds_note,
 )
+from fairclip.report.protocol import protocol_methods_markdown
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,12 @@ def compare_methods(cfg: DictConfig) -> dict[str, Any]:
         + "\n".join(rows_markdown(depth))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("protocol"):  # the paper's table layout, one row per method
+        protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+        paper = protocol_methods_markdown([r.reports for r in runs], protocol, str(cfg.attribute))
+        atomic_write_text(out_dir / "protocol.md", paper + "\n")
+        result["protocol"] = protocol["name"]
+        table += "\n\n" + paper
     plot_skew_by_depth(depth, depth_ks, out_dir / DEPTH_PLOT, str(cfg.query_set))
     atomic_write_text(out_dir / "compare.md", table + "\n")
     atomic_write_text(out_dir / "compare.json", to_json(result) + "\n")

@@ -15,6 +15,7 @@ split they rank.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from fairclip.metrics import (
     SkewMetrics,
     able,
 )
+from fairclip.metrics.folds import FoldedRetrieval, FoldedZeroShot
 from fairclip.metrics.group_counts import GroupCounts
 from fairclip.model.encode import eval_mode, model_dtype
 from fairclip.report import compare_reports, log_to_wandb, write_report
@@ -70,10 +72,28 @@ class BiasMetrics(torch.nn.Module):
         self.skew = torch.nn.ModuleDict(
             {
                 f"q_{qs.name}": SkewMetrics(
-                    {a: attrs[a] for a in qs.attributes}, ks=spec.skew_ks, targets=spec.targets
+                    {a: attrs[a] for a in qs.attributes},
+                    ks=spec.skew_ks,
+                    targets=spec.targets,
+                    whole_ranking=spec.whole_ranking,
                 )
                 for qs in spec.query_sets
             }
+        )
+        # the SEM paper's split-half protocol (spec.folds), beside the whole-split metrics
+        folds = spec.folds
+        self.folded = torch.nn.ModuleDict(
+            {
+                f"q_{qs.name}": FoldedRetrieval(attrs, folds, qs.attributes, qs.relevant)
+                for qs in spec.query_sets
+            }
+            if folds is not None
+            else {}
+        )
+        self.folded_zero_shot = (
+            FoldedZeroShot(attrs, len(spec.concepts), folds)
+            if folds is not None and spec.concepts
+            else None
         )
         n_assoc = len(spec.association_words)
         self.bias = torch.nn.ModuleDict(
@@ -107,11 +127,16 @@ def _update(
     for qs in spec.query_sets:
         if qs.split in roles:
             columns = [names.index(a) for a in qs.attributes]
-            metrics.skew[f"q_{qs.name}"].update(img @ text.queries[qs.name].T, groups[:, columns])
+            scores = img @ text.queries[qs.name].T
+            metrics.skew[f"q_{qs.name}"].update(scores, groups[:, columns])
+            if metrics.folded:
+                metrics.folded[f"q_{qs.name}"].update(scores, groups)
     if "eval" in roles:
         if text.concepts is not None and bool(labelled.any()):
             preds = (img[labelled] @ text.concepts.T).argmax(dim=1)
             metrics.zero_shot.update(preds, concepts[labelled], groups[labelled])
+            if metrics.folded_zero_shot is not None:
+                metrics.folded_zero_shot.update(preds, concepts[labelled], groups[labelled])
         if bool(has_text.any()):
             tokens = batch["text"][has_text.cpu()].to(device)
             captions = model.encode_text(tokens, normalize=True).float()
@@ -258,6 +283,15 @@ def _compute_report(
         }
     if skew:
         out["skew"] = skew
+    if metrics.folded:
+        folded: dict[str, Any] = {
+            "retrieval": {
+                qs.name: metrics.folded[f"q_{qs.name}"].compute() for qs in spec.query_sets
+            }
+        }
+        if metrics.folded_zero_shot is not None and "zeroshot" in out:
+            folded["zeroshot"] = metrics.folded_zero_shot.compute()
+        out["folds"] = folded
     if metrics.bias:
         bias: dict[str, float] = {}
         for target, metric in metrics.bias.items():
@@ -288,6 +322,7 @@ def _compute_report(
             "recall_ks": list(spec.recall_ks),
             "targets": list(spec.targets),
             "able_query_set": spec.able_query_set,
+            "folds": dataclasses.asdict(spec.folds) if spec.folds is not None else None,
             "association_words": spec.association_words,
             "zero_shot_templates": spec.zero_shot_templates,
             "group_prompts": spec.group_prompts,

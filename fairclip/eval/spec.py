@@ -17,6 +17,7 @@ from fairclip.metrics import (
     TARGETS,
     validate_attributes,
 )
+from fairclip.metrics.folds import FoldSpec
 from fairclip.metrics.zeroshot import check_ks
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,16 @@ SPLITS = ("eval", "neutral")
 # -- specification ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuerySet:
-    """Retrieval queries ranked over one split; skew is measured for ``attributes``."""
+    """Retrieval queries ranked over one split; skew is measured for ``attributes``.
+
+    ``relevant``: ``(attribute, value per prompt)`` for labelled queries (an image is relevant
+    to prompt ``i`` when its ``attribute`` is the ``i``-th value), for precision@k."""
 
     name: str
     split: str
     prompts: tuple[str, ...]
     attributes: tuple[str, ...]
+    relevant: tuple[str, tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -52,6 +57,8 @@ class EvalSpec:
     able_query_set: str | None = None
     require_all_groups: bool = True
     label_key: str = "concept"
+    folds: FoldSpec | None = None
+    whole_ranking: bool = False
 
     @classmethod
     def from_config(
@@ -65,6 +72,8 @@ class EvalSpec:
         require_all_groups: bool = True,
         label_key: str = "concept",
         key: str = "prompts",
+        folds: Mapping[str, Any] | None = None,
+        whole_ranking: bool = False,
     ) -> EvalSpec:
         """Check a prompt-set config (``conf/prompts/*.yaml``) against the data vocabularies."""
         if OmegaConf.is_config(prompts):
@@ -128,6 +137,8 @@ class EvalSpec:
             able_query_set=able_set,
             require_all_groups=bool(require_all_groups),
             label_key=label_key,
+            folds=_fold_spec(folds),
+            whole_ranking=bool(whole_ranking),
         )
 
     def splits_used(self) -> set[str]:
@@ -137,6 +148,22 @@ class EvalSpec:
         if self.association_words:
             used.add("neutral")
         return used or {"eval"}
+
+
+def _fold_spec(raw: Any) -> FoldSpec | None:
+    """``folds`` (null, or ``{n_folds, seed, k, confidence}``) as a :class:`FoldSpec`."""
+    if raw is None:
+        return None
+    if OmegaConf.is_config(raw):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"folds: expected null or a mapping {{n_folds, seed, k}}, got {raw!r}")
+    unknown = set(raw) - {"n_folds", "seed", "k", "confidence"}
+    if unknown:
+        raise ValueError(
+            f"folds: unknown key(s) {sorted(unknown)}, expected n_folds, seed, k, confidence"
+        )
+    return FoldSpec(**raw)
 
 
 def _str_list(value: Any, key: str, allow_empty: bool = False) -> list[str]:
@@ -209,7 +236,35 @@ def _query_set(name: str, raw: Any, attributes: dict[str, list[str]], key: str) 
     attrs = list(attributes) if attrs is None else _str_list(attrs, f"{key}.attributes")
     for attr in attrs:
         _check_attribute(attr, attributes, f"{key}.attributes")
-    return QuerySet(name, split, tuple(prompts), tuple(attrs))
+    return QuerySet(
+        name, split, tuple(prompts), tuple(attrs), _relevant(raw, prompts, attributes, key)
+    )
+
+
+def _relevant(
+    raw: Mapping[str, Any], prompts: Sequence[str], attributes: dict[str, list[str]], key: str
+) -> tuple[str, tuple[str, ...]] | None:
+    """``relevant: {attribute: a, values: [one per prompt]}`` of a labelled query set."""
+    rel = raw.get("relevant")
+    if rel is None:
+        return None
+    if not isinstance(rel, Mapping) or set(rel) != {"attribute", "values"}:
+        raise ValueError(f"{key}.relevant: expected {{attribute: <name>, values: [per prompt]}}")
+    attr = str(rel["attribute"])
+    _check_attribute(attr, attributes, f"{key}.relevant.attribute")
+    values = _str_list(rel["values"], f"{key}.relevant.values")
+    if len(values) != len(prompts):
+        raise ValueError(
+            f"{key}.relevant.values: expected one value per prompt ({len(prompts)}), "
+            f"got {len(values)}"
+        )
+    unknown = [v for v in values if v not in attributes[attr]]
+    if unknown:
+        raise ValueError(
+            f"{key}.relevant.values: {unknown} are not values of data.attributes.{attr}="
+            f"{attributes[attr]}"
+        )
+    return attr, tuple(values)
 
 
 # -- text side ---------------------------------------------------------------------------------
@@ -259,4 +314,6 @@ def spec_from_cfg(cfg: DictConfig) -> EvalSpec:
         targets=list(cfg.targets),
         require_all_groups=cfg.require_all_groups,
         label_key=cfg.label_key,
+        folds=cfg.get("folds"),
+        whole_ranking=bool(cfg.get("whole_ranking", False)),
     )

@@ -260,6 +260,8 @@ class SkewMetrics(Metric):
     prior. ``k`` above the number of ranked images is clipped to it; ties break by image
     order (under DDP the gathered order is rank 0's images, then rank 1's, ...). See the
     module docstring for the exact conventions. An attribute with no known image gives NaN.
+    ``whole_ranking=True`` adds the same metrics over every ranked image under ``@all``
+    (Berg et al.'s whole-set NDKL; MaxSkew@all against ``dem_par`` is 0 by construction).
     """
 
     is_differentiable = False
@@ -275,11 +277,13 @@ class SkewMetrics(Metric):
         ks: Sequence[int] = (10, 50, 100),
         targets: Sequence[str] = TARGETS,
         validate_args: bool = True,
+        whole_ranking: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.attributes = validate_attributes(attributes)
         self.ks = check_ks(ks)
+        self.whole_ranking = bool(whole_ranking)
         self.targets = _check_targets(targets)
         self.validate_args = validate_args
         self._num_values = [len(v) for v in self.attributes.values()]
@@ -343,20 +347,20 @@ class SkewMetrics(Metric):
             n_a = int(known.sum())
             if n_a == 0:
                 nan = torch.full((num_q,), float("nan"), device=scores.device)
-                for k in self.ks:
+                for k in self._depths():
                     for t in self.targets:
                         for metric in ("maxskew", "minskew", "ndkl"):
                             out[f"{metric}@{k}/{name}/{t}"] = nan.clone()
                 continue
             all_known = n_a == g.shape[0]
             g, s = (g, scores) if all_known else (g[known], scores[known])
-            k_max = min(max(self.ks), n_a)
+            k_max = n_a if self.whole_ranking else min(max(self.ks), n_a)
             cum = _ranked_counts(g[stable_topk(s, k_max)], m)
             for t in self.targets:
                 p_star, present = target_distribution(g, m, t)
                 prefix = _ndkl_prefix(cum, p_star)
-                for k in self.ks:
-                    k_eff = min(k, n_a)
+                for k in self._depths():
+                    k_eff = n_a if k == "all" else min(k, n_a)
                     mx, mn = _extreme_skews(cum, k_eff, p_star, present)
                     out[f"maxskew@{k}/{name}/{t}"] = mx.float()
                     out[f"minskew@{k}/{name}/{t}"] = mn.float()
@@ -364,11 +368,14 @@ class SkewMetrics(Metric):
         order = [
             f"{metric}@{k}/{name}/{t}"
             for metric in ("maxskew", "minskew", "ndkl")
-            for k in self.ks
+            for k in self._depths()
             for name in names
             for t in self.targets
         ]
         return {key: out[key] for key in order}
+
+    def _depths(self) -> list[int | str]:
+        return [*self.ks, "all"] if self.whole_ranking else list(self.ks)
 
     def compute(self) -> dict[str, Tensor]:
         """Mean over queries of every per-query value (scalar tensors)."""

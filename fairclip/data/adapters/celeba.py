@@ -1,9 +1,12 @@
 """CelebA (Liu et al., 2015): ``list_attr_celeba.txt`` + image folder -> eval shards.
 
 The attribute file has the image count on line 1, the 40 attribute names on line 2, then
-``<file> ±1 ... ±1`` per image. ``attributes`` in ``conf/source/celeba.yaml`` turns binary
-columns into group labels (``Male`` -> gender male/female, ``Young`` -> age young/old). An
-optional ``list_eval_partition.txt`` restricts the output to one official split.
+``<file> ±1 ... ±1`` per image. ``attributes`` in ``conf/source/celeba.yaml`` turns columns
+into labels: a binary column (``{column, positive, negative}``: ``Male`` -> gender male/female,
+``Blond_Hair`` -> blond hair/dark hair) or a one-hot family (``{columns: {column: value},
+otherwise}``: the hair colours; an image takes the first listed column that is 1, else
+``otherwise``). An optional ``list_eval_partition.txt`` restricts the output to one official
+split.
 """
 
 from __future__ import annotations
@@ -49,16 +52,7 @@ def read_celeba(
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise ValueError(f"{path}:1: expected the image count, then the attribute names")
     names = lines[1].split()
-    for out_name, spec in attributes.items():
-        for field in ("column", "positive", "negative"):
-            if field not in spec:
-                raise ValueError(f"attributes.{out_name}.{field}: missing")
-        if spec["column"] not in names:
-            raise ValueError(
-                f"attributes.{out_name}.column={spec['column']!r}: not a column of {path} "
-                f"(expected one of {names})"
-            )
-    columns = {a: names.index(s["column"]) for a, s in attributes.items()}
+    families = {a: _family(a, spec, names, path) for a, spec in attributes.items()}
     rows = [line.split() for line in lines[2:] if line.strip()]
     if len(rows) != int(lines[0]):
         raise ValueError(f"{path}: line 1 says {int(lines[0])} images, found {len(rows)} rows")
@@ -71,15 +65,42 @@ def read_celeba(
         if keep is not None and row[0] not in keep:
             continue
         out = {}
-        for attr, col in columns.items():
-            value = row[col + 1]
-            if value not in ("1", "-1"):
-                raise ValueError(f"{path}:{line}: {names[col]}={value!r}, expected 1 or -1")
-            out[attr] = attributes[attr]["positive" if value == "1" else "negative"]
+        for attr, (family, otherwise) in families.items():
+            out[attr] = otherwise
+            for col, label in family:
+                value = row[col + 1]
+                if value not in ("1", "-1"):
+                    raise ValueError(f"{path}:{line}: {names[col]}={value!r}, expected 1 or -1")
+                if value == "1":
+                    out[attr] = label
+                    break
         records.append(Record(Path(images) / row[0], sample_key(Path(row[0]).stem), out))
     if not records:
         raise ValueError(f"{path}: no images selected")
     return records
+
+
+def _family(
+    name: str, spec: dict, names: list[str], path: Path
+) -> tuple[list[tuple[int, str]], str]:
+    """``([(column index, label if 1)], label if none is 1)`` of one configured attribute."""
+    key = f"attributes.{name}"
+    if "columns" in spec:
+        if "otherwise" not in spec or not isinstance(spec["columns"], dict) or not spec["columns"]:
+            raise ValueError(f"{key}: expected {{columns: {{<column>: <value>}}, otherwise}}")
+        pairs, otherwise = list(spec["columns"].items()), str(spec["otherwise"])
+    else:
+        for field in ("column", "positive", "negative"):
+            if field not in spec:
+                raise ValueError(f"{key}.{field}: missing")
+        pairs, otherwise = [(spec["column"], spec["positive"])], str(spec["negative"])
+    for column, _ in pairs:
+        if column not in names:
+            where = "columns" if "columns" in spec else "column"
+            raise ValueError(
+                f"{key}.{where}: {column!r} is not a column of {path} (expected one of {names})"
+            )
+    return [(names.index(c), str(v)) for c, v in pairs], otherwise
 
 
 def write_celeba(cfg: DictConfig) -> dict[str, int]:
