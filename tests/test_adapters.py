@@ -341,3 +341,51 @@ def test_celeba_maps_columns_and_partitions(tmp_path: Path, capsys: pytest.Captu
     write_celeba(tmp_path, rows, count=5)
     with pytest.raises(ValueError, match=r"list_attr_celeba.txt: line 1 says 5 images, found 4"):
         run_cli(capsys, "celeba", *common)
+
+
+# -- Waterbirds: metadata.csv -----------------------------------------------------------------------
+def test_waterbirds_maps_codes_and_splits_and_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A metadata.csv in the released layout -> test-split shards whose bird is the zero-shot
+    class and whose place is the background group, read by data=waterbirds prompts=waterbirds."""
+    root = tmp_path / "waterbird_complete95_forest2water2"
+    rows = [  # (img_filename, y, split, place)
+        ("001.Black_footed_Albatross/a.jpg", 1, 2, 1),
+        ("001.Black_footed_Albatross/b.jpg", 1, 2, 0),
+        ("002.Song_Sparrow/c.jpg", 0, 2, 0),
+        ("002.Song_Sparrow/d.jpg", 0, 2, 1),
+        ("002.Song_Sparrow/e.jpg", 0, 0, 0),
+    ]
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for i, (file, y, split, place) in enumerate(rows, start=1):
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        (root / file).write_bytes(tiny_jpeg())
+        lines.append(f"{i},{file},{y},{split},{place},/x/{i}.jpg")
+    metadata = root / "metadata.csv"
+    metadata.write_text("\n".join(lines) + "\n")
+    common = [f"labels={metadata}", f"images={root}", f"out={tmp_path}/out"]
+    counts = run_cli(capsys, "waterbirds", *common)
+    assert counts == {"test": 4, "missing_images": 0, "background=land": 2, "background=water": 2,
+                      "bird=landbird": 2, "bird=waterbird": 2}  # fmt: skip
+    labels = read_labels(tmp_path / "out" / "test")
+    assert labels["001_Black_footed_Albatross_b"] == {"bird": "waterbird", "background": "land"}
+    assert run_cli(capsys, "waterbirds", *common, "partition=train", "split=train")["train"] == 1
+
+    cfg = compose_eval(
+        ["data=waterbirds", "prompts=waterbirds", f"data.val_shards={tmp_path}/out/test",
+         "model.name=fairclip-tiny", "progress=false", "num_workers=0", "wandb.enabled=false",
+         "plots=false", "skew_ks=[2]"],
+        tmp_path / "eval",
+    )  # fmt: skip
+    zeroshot = run(cfg)["metrics"]["zeroshot"]
+    assert {"acc/background=land", "acc/background=water"} <= set(zeroshot)
+    assert zeroshot["worst_class_group_acc/background"] <= zeroshot["acc"]
+
+    bad = root / "bad.csv"
+    bad.write_text(lines[0] + "\n1,002.Song_Sparrow/c.jpg,7,2,0,/x/1.jpg\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: y='7' is not in label_map.bird"):
+        run_cli(capsys, "waterbirds", f"labels={bad}", f"images={root}", f"out={tmp_path}/bad")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['place'\]"):
+        bad.write_text("img_id,img_filename,y,split\n1,a.jpg,0,2\n")
+        run_cli(capsys, "waterbirds", f"labels={bad}", f"images={root}", f"out={tmp_path}/bad")

@@ -55,7 +55,10 @@ DATA_FOR = {
     "celeba": "celeba",
     "celeba_blond": "celeba_blond",
     "celeba_hair": "celeba_hair",
+    "waterbirds": "waterbirds",
 }
+# The table attribute a debias set is written for, where it is not gender.
+ATTRIBUTE_FOR = {"waterbirds": "background"}
 
 
 def _assert_spec_makes(spec: Any, source: str, key: str) -> None:
@@ -192,7 +195,13 @@ def test_every_option_composes_and_instantiates(
             data = DATA_FOR[option]
             cfg = compose_entry(
                 "debias_compare",
-                [*overrides, f"debias={option}", f"data={data}", f"prompts={data}"],
+                [
+                    *overrides,
+                    f"debias={option}",
+                    f"data={data}",
+                    f"prompts={data}",
+                    f"attribute={ATTRIBUTE_FOR.get(option, 'gender')}",
+                ],  # fmt: skip
                 tmp_path,
             )
             ctx = MethodContext(cfg, None, torch.device("cpu"))  # type: ignore[arg-type]

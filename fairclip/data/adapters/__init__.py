@@ -1,4 +1,4 @@
-"""Label-file adapters: public face datasets -> labelled eval WebDataset shards.
+"""Label-file adapters: public face (and Waterbirds) datasets -> labelled eval WebDataset shards.
 
 ``fairclip-data source=<source> key=value ...`` composes ``conf/source/<source>.yaml`` and calls
 ``ADAPTERS[source](cfg)``. Every adapter turns its label format into records (image path,
@@ -18,10 +18,12 @@ from omegaconf import DictConfig
 from fairclip.data.adapters.celeba import write_celeba
 from fairclip.data.adapters.fairface import write_fairface
 from fairclip.data.adapters.utkface import write_utkface
+from fairclip.data.adapters.waterbirds import write_waterbirds
 
 # source name (conf/source/<name>.yaml) -> writer
 ADAPTERS: dict[str, Callable[[DictConfig], dict[str, int]]] = {
     "fairface": write_fairface,
     "utkface": write_utkface,
     "celeba": write_celeba,
+    "waterbirds": write_waterbirds,
 }
