@@ -255,3 +255,16 @@ def test_fairclip_eval_protocol_sem2026_reports_folds_beside_the_whole_split(
         f"| concepts | gender | {concepts['kl@50/gender']:.4f} ± {concepts['kl@50/gender/ci']:.4f}"
     )
     assert row in md and "### zero_shot" in md
+
+
+def test_labelled_query_sets_check_their_relevance_labels(tmp_path: Path) -> None:
+    """prompts=celeba_hair: one hair colour per query, each a value of data.attributes."""
+    overrides = ["model.name=fairclip-tiny", "data=celeba_hair", "prompts=celeba_hair"]
+    cfg = compose_entry("eval", [*overrides, "protocol=sem2026"], tmp_path)
+    (hair,) = [q for q in spec_from_cfg(cfg).query_sets if q.name == "hair_colour"]
+    assert hair.relevant == ("hair_colour", ("blond", "black", "brown", "gray"))
+    bad = compose_entry(
+        "eval", [*overrides, "prompts.query_sets.hair_colour.relevant.values=[blond,red]"], tmp_path
+    )
+    with pytest.raises(ValueError, match=r"relevant.values: expected one value per prompt \(4\)"):
+        spec_from_cfg(bad)
