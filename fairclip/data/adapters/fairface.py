@@ -7,7 +7,6 @@ image root (``val/1.jpg``). Raw labels are mapped to the vocabularies of
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -16,6 +15,7 @@ from fairclip.data.adapters.labelled import (
     Record,
     config_mapping,
     map_value,
+    read_csv_rows,
     sample_key,
     write_labelled_shards,
 )
@@ -38,39 +38,26 @@ def read_fairface(
             raise ValueError(
                 f"label_map.{attr}: missing raw label mapping for FairFace column {attr!r}"
             )
+    header, rows = read_csv_rows(path, COLUMNS, "a FairFace label CSV")
+    if service_test_only and "service_test" not in header:
+        raise ValueError(f"{path}: service_test_only=true needs a service_test column")
     records = []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing}; expected a FairFace label CSV with "
-                f"columns {list(COLUMNS) + ['service_test']}, got {header}"
+    for line, row in rows:
+        if service_test_only and row["service_test"].strip().lower() != "true":
+            continue
+        where = f"{path}:{line}"
+        labels_out = {
+            attr: map_value(row[attr].strip(), values[attr], attr, where, f"label_map.{attr}")
+            for attr in ("gender", "race", "age")
+        }
+        file = row["file"].strip()
+        records.append(
+            Record(
+                Path(images) / file,
+                sample_key(Path(file).with_suffix("").as_posix()),
+                labels_out,
             )
-        if service_test_only and "service_test" not in header:
-            raise ValueError(f"{path}: service_test_only=true needs a service_test column")
-        for line, row in enumerate(reader, start=2):
-            if None in row.values():  # csv leaves the missing fields of a short row as None
-                raise ValueError(
-                    f"{path}:{line}: row has {sum(v is not None for v in row.values())} fields, "
-                    f"expected the {len(header)} columns {header}"
-                )
-            if service_test_only and row["service_test"].strip().lower() != "true":
-                continue
-            where = f"{path}:{line}"
-            labels_out = {
-                attr: map_value(row[attr].strip(), values[attr], attr, where, f"label_map.{attr}")
-                for attr in ("gender", "race", "age")
-            }
-            file = row["file"].strip()
-            records.append(
-                Record(
-                    Path(images) / file,
-                    sample_key(Path(file).with_suffix("").as_posix()),
-                    labels_out,
-                )
-            )
+        )
     if not records:
         raise ValueError(f"{path}: no rows selected")
     return records

@@ -3,6 +3,7 @@ with their summary."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections import Counter
@@ -62,6 +63,31 @@ def config_mapping(cfg: DictConfig, key: str) -> dict[str, dict[str, str]]:
         str(a): {str(k): str(v) for k, v in m.items()}
         for a, m in OmegaConf.to_container(node, resolve=True).items()
     }
+
+
+def read_csv_rows(
+    path: Path, required: Sequence[str], what: str
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """``(header, [(line, row)])`` of a label CSV; a missing column or a short row names the
+    file (and line) and the columns ``what`` (e.g. "a FairFace label CSV") must have."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; expected {what} with columns "
+                f"{list(required)}, got {header}"
+            )
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if None in row.values():  # csv leaves the missing fields of a short row as None
+                raise ValueError(
+                    f"{path}:{line}: row has {sum(v is not None for v in row.values())} fields, "
+                    f"expected the {len(header)} columns {header}"
+                )
+            rows.append((line, row))
+    return header, rows
 
 
 def check_policy(cfg: DictConfig) -> str:

@@ -9,7 +9,6 @@ The CSV has columns ``img_id, img_filename, y, split, place``: ``y`` the bird (0
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,6 +17,7 @@ from fairclip.data.adapters.labelled import (
     Record,
     config_mapping,
     map_value,
+    read_csv_rows,
     sample_key,
     write_labelled_shards,
 )
@@ -38,32 +38,22 @@ def read_waterbirds(
     for field in ("bird", "background"):
         if field not in values:
             raise ValueError(f"label_map.{field}: missing (raw code -> value)")
+    _, rows = read_csv_rows(path, COLUMNS, "a Waterbirds metadata.csv")
     records = []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing}; expected a Waterbirds metadata.csv with "
-                f"columns {list(COLUMNS)}, got {header}"
-            )
-        for line, row in enumerate(reader, start=2):
-            if None in row.values():
-                raise ValueError(f"{path}:{line}: expected the {len(header)} columns {header}")
-            if split is not None and row["split"].strip() != SPLITS[split]:
-                continue
-            where = f"{path}:{line}"
-            labels_out = {
-                "bird": map_value(row["y"].strip(), values["bird"], "y", where, "label_map.bird"),
-                "background": map_value(
-                    row["place"].strip(), values["background"], "place", where,
-                    "label_map.background",
-                ),
-            }  # fmt: skip
-            file = row["img_filename"].strip()
-            key = sample_key(Path(file).with_suffix("").as_posix())
-            records.append(Record(Path(images) / file, key, labels_out))
+    for line, row in rows:
+        if split is not None and row["split"].strip() != SPLITS[split]:
+            continue
+        where = f"{path}:{line}"
+        labels_out = {
+            "bird": map_value(row["y"].strip(), values["bird"], "y", where, "label_map.bird"),
+            "background": map_value(
+                row["place"].strip(), values["background"], "place", where,
+                "label_map.background",
+            ),
+        }  # fmt: skip
+        file = row["img_filename"].strip()
+        key = sample_key(Path(file).with_suffix("").as_posix())
+        records.append(Record(Path(images) / file, key, labels_out))
     if not records:
         raise ValueError(f"{path}: no rows selected (partition={split!r})")
     return records
