@@ -144,3 +144,43 @@ def test_audit_settings_are_checked_before_any_work(synthetic_dir: Path, tmp_pat
                       (["data=synthetc"], "Could not find 'data/synthetc'")):  # fmt: skip
         with pytest.raises(Exception, match=said):
             run_app(main, [*shards, *bad])
+
+
+def _zero_head(visual: torch.nn.Module, layer: int, head: int) -> None:
+    """Zero one head's columns of ``out_proj`` (its whole path into the residual stream)."""
+    attn = visual.transformer.resblocks[layer].attn
+    width = attn.head_dim
+    with torch.no_grad():
+        attn.out_proj.weight[:, head * width : (head + 1) * width] = 0
+
+
+@pytest.mark.parametrize(
+    "name", ["ViT-B-32", pytest.param("ViT-L-14", marks=pytest.mark.slow)]
+)  # fmt: skip
+def test_decomposition_and_one_head_ablation_at_real_sizes(name: str) -> None:
+    """Full open_clip architectures (random weights): heads + remaining terms give the image
+    embedding to 1e-4 relative; zeroing one head's out_proj columns sets exactly its direct
+    contribution to 0, leaves every earlier head's (up to ln_post's per-image rescaling, which
+    depends on the final residual) and its own layer's other heads the same."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        heads, other = decompose(model.visual, images)
+        ref = model.visual(images)
+    error = (heads.sum((1, 2)) + other - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(error.max()) < 1e-4
+    layers, n_heads = head_shape(model.visual)
+    layer, head = layers // 2, 3
+    _zero_head(model.visual, layer, head)
+    with torch.no_grad():
+        ablated, _ = decompose(model.visual, images)
+    assert float(ablated[:, layer, head].abs().max()) == 0.0
+    # earlier layers and the same layer's other heads: the same up to one factor per image
+    keep = torch.ones(layers, n_heads, dtype=torch.bool)
+    keep[layer:] = False
+    keep[layer, [h for h in range(n_heads) if h != head]] = True
+    before, after = heads[:, keep], ablated[:, keep]  # [N, K, D]
+    factor = (after * before).sum((1, 2)) / (before * before).sum((1, 2))  # least squares
+    assert torch.allclose(after, before * factor[:, None, None], rtol=1e-3, atol=1e-6)
+    assert float((ablated[:, layer + 1 :] - heads[:, layer + 1 :]).abs().max()) > 1e-4
