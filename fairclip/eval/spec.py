@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +158,10 @@ def _fold_spec(raw: Any) -> FoldSpec | None:
         raw = OmegaConf.to_container(raw, resolve=True)
     if not isinstance(raw, Mapping):
         raise ValueError(f"folds: expected null or a mapping {{n_folds, seed, k}}, got {raw!r}")
-    unknown = set(raw) - {"n_folds", "seed", "k", "confidence"}
+    known = [f.name for f in fields(FoldSpec)]
+    unknown = set(raw) - set(known)
     if unknown:
-        raise ValueError(
-            f"folds: unknown key(s) {sorted(unknown)}, expected n_folds, seed, k, confidence"
-        )
+        raise ValueError(f"folds: unknown key(s) {sorted(unknown)}, expected some of {known}")
     return FoldSpec(**raw)
 
 
