@@ -75,3 +75,61 @@ def test_a_label_without_a_phrase_names_the_sample() -> None:
     captions = AttributeCaptions.from_config(CONFIG, ATTRIBUTES)
     with pytest.raises(ValueError, match=r"val_7: label race='Martian' has no caption phrase"):
         captions.caption({"gender": "Male", "race": "Martian", "age": "old"}, where="val_7")
+
+
+def test_caption_codes_match_the_captions_and_draw_other_phrases() -> None:
+    """The vectorised form: every caption indexed, label rows -> the same caption as
+    AttributeCaptions, counterfactuals that change exactly the swapped attributes' phrases
+    (race uniform over the six others; binned age never to another bin of the same phrase)."""
+    import torch
+
+    from fairclip.data.attribute_captions import CaptionCodes
+
+    bins = list(AGE_BINS)
+    attributes = {"gender": ["Female", "Male"], "race": list(RACES), "age": bins}
+    config = {**CONFIG, "words": {**CONFIG["words"], "age": AGE_BINS}, "swap": ["race", "age"]}
+    captions = AttributeCaptions.from_config(config, attributes)
+    codes = CaptionCodes(captions, attributes)
+    assert len(codes.texts) == 2 * 7 * 3 == len(set(codes.texts))
+    with FAIRFACE_CSV.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups = torch.tensor([[attributes[a].index(r[a]) for a in attributes] for r in rows])
+    phrases = codes.phrase_codes(groups)
+    factual = codes.index(phrases)
+    for i in range(0, len(rows), 97):
+        assert codes.texts[int(factual[i])] == captions.caption(rows[i])
+    moved = codes.counterfactual(phrases, torch.Generator().manual_seed(0))
+    age, race, gender = (list(captions.words).index(a) for a in ("age", "race", "gender"))
+    assert torch.equal(moved[:, gender], phrases[:, gender])  # gender is not swapped
+    assert bool((moved[:, [race, age]] != phrases[:, [race, age]]).all())  # both always change
+    white = phrases[:, race] == list(RACES).index("White")
+    counts = torch.bincount(moved[white, race], minlength=7).float()
+    assert counts[0] == 0 and bool((counts[1:] / counts.sum() - 1 / 6).abs().max() < 0.03)
+    # an unlabelled attribute has no caption
+    groups[0, list(attributes).index("race")] = -1
+    assert int(codes.index(codes.phrase_codes(groups))[0]) == -1
+
+
+def test_label_only_samples_get_their_caption_from_the_labels() -> None:
+    """data.captions: a shard sample without txt is captioned from its JSON labels in the
+    loader; one missing a label the template needs is a corrupt sample (skipped, counted)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from fairclip.data.samples import SampleDecoder
+    from fairclip.data.stream import CorruptSample
+
+    attributes = {"gender": ["Female", "Male"], "race": list(RACES), "age": list(ATTRIBUTES["age"])}
+    decode = SampleDecoder(lambda im: im.size, attributes, [], require_caption=True,
+                           captions=AttributeCaptions.from_config(CONFIG, attributes))  # fmt: skip
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    labels = {"gender": "Female", "race": "Middle Eastern", "age": "old"}
+    sample = {"__key__": "k", "png": buf.getvalue(), "json": json.dumps(labels).encode()}
+    assert decode(sample)["text"] == "a photo of a old Middle Eastern woman."
+    assert decode({**sample, "txt": b"own caption"})["text"] == "own caption"
+    del labels["race"]
+    with pytest.raises(CorruptSample, match="none from data.captions: .*label race=None"):
+        decode({**sample, "json": json.dumps(labels).encode()})

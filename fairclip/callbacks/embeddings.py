@@ -18,24 +18,31 @@ from torch import Tensor
 
 @torch.no_grad()
 def encode_batch(
-    pl_module: L.LightningModule, batch: dict, modalities: Sequence[str]
+    pl_module: L.LightningModule, batch: dict, modalities: Sequence[str], raw: bool = False
 ) -> dict[str, Tensor]:
-    """Unit-norm float32 embeddings of ``batch`` for ``modalities`` ("text", "image")."""
+    """Unit-norm (raw with ``raw``) float32 embeddings of ``batch`` for ``modalities``
+    ("text", "image")."""
     model = pl_module.model
     out = {}
     if "text" in modalities:
-        out["text"] = model.encode_text(batch["text"], normalize=True).float()
+        out["text"] = model.encode_text(batch["text"], normalize=not raw).float()
     if "image" in modalities:
-        out["image"] = model.encode_image(batch["image"], normalize=True).float()
+        out["image"] = model.encode_image(batch["image"], normalize=not raw).float()
     return out
 
 
 def step_embeddings(
-    pl_module: L.LightningModule, outputs: Any, batch: dict, modalities: Sequence[str]
+    pl_module: L.LightningModule,
+    outputs: Any,
+    batch: dict,
+    modalities: Sequence[str],
+    raw: bool = False,
 ) -> dict[str, Tensor]:
-    """The unit embeddings the training step returned (``outputs["embeddings"]``), else the
-    batch encoded anew; float32 and detached either way."""
-    given = outputs.get("embeddings") if isinstance(outputs, dict) else None
+    """The unit embeddings the training step returned (``outputs["embeddings"]``; the raw
+    tower outputs, ``outputs["raw_embeddings"]``, with ``raw``), else the batch encoded anew;
+    float32 and detached either way."""
+    name = "raw_embeddings" if raw else "embeddings"
+    given = outputs.get(name) if isinstance(outputs, dict) else None
     if given is None or any(m not in given for m in modalities):
-        return encode_batch(pl_module, batch, modalities)
+        return encode_batch(pl_module, batch, modalities, raw)
     return {m: given[m].detach().float() for m in modalities}

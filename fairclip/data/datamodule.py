@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from fairclip.data.attribute_captions import AttributeCaptions
 from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards
 from fairclip.data.stream import ShardStream, stream_loader
@@ -56,6 +57,7 @@ class ShardDataModule(L.LightningDataModule):
         preprocess_val: Callable | None = None,
         tokenizer: Callable | None = None,
         balancer: TrainShardBalancer | None = None,
+        captions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.balancer = balancer
@@ -81,6 +83,12 @@ class ShardDataModule(L.LightningDataModule):
         self.seed, self.label_key = seed, label_key
         self.preprocess_train, self.preprocess_val = preprocess_train, preprocess_val
         self.tokenizer = tokenizer
+        # label-only shards (FairFace, UTKFace, CelebA) get captions written from their labels
+        self.captions = (
+            None
+            if captions is None
+            else AttributeCaptions.from_config(captions, self.attributes, "data.captions")
+        )
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self.resume_state: dict[str, Any] | None = None  # from a mid-epoch checkpoint
@@ -97,6 +105,7 @@ class ShardDataModule(L.LightningDataModule):
             self.concepts,
             self.label_key,
             require_caption=train,
+            captions=self.captions,
         )
         if not train:  # validation runs only after the first epoch: check its labels now
             decode.check_labels(spec, key)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fairclip.data.attribute_captions import AttributeCaptions
 from fairclip.data.shards import IMAGE_EXTENSIONS, iter_members
 from fairclip.data.stream import CorruptSample
 
@@ -38,8 +39,10 @@ class SampleDecoder:
         concepts: Sequence[str],
         label_key: str = "concept",
         require_caption: bool = True,
+        captions: AttributeCaptions | None = None,
     ) -> None:
         self.preprocess = preprocess
+        self.captions = captions
         self.attributes = {a: {v: i for i, v in enumerate(vals)} for a, vals in attributes.items()}
         self.concepts = {c: i for i, c in enumerate(concepts)}
         self.label_key = label_key
@@ -58,18 +61,21 @@ class SampleDecoder:
             caption = sample.get("txt", b"").decode("utf-8").strip()
         except UnicodeDecodeError as err:
             raise CorruptSample(f"caption (txt) is not UTF-8: {err}") from err
+        meta = self._parse(sample.get("json"), where)
+        labels = self._indices(meta, where)  # a value outside the vocabularies raises first
+        if not caption and self.captions is not None:
+            try:
+                caption = self.captions.caption(meta, where)
+            except ValueError as err:  # a label the template needs is missing or has no phrase
+                raise CorruptSample(f"no caption (txt) and none from data.captions: {err}") from err
         if self.require_caption and not caption:
             raise CorruptSample("missing caption (txt)")
-        labels = self._labels(sample.get("json"), where)
         return {
             "image": self.preprocess(image),
             "text": caption,
             "key": sample["__key__"],
             **labels,
         }
-
-    def _labels(self, raw: bytes | None, where: str) -> dict:
-        return self._indices(self._parse(raw, where), where)
 
     @staticmethod
     def _parse(raw: bytes | None, where: str) -> dict[str, Any]:

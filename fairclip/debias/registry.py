@@ -18,8 +18,8 @@ COMPONENTS: dict[str, str] = {
     "sem": "fairclip.debias.sem:SEM",
     "orth_proj": "fairclip.debias.orth:OrthProj",
     "orth_cali": "fairclip.debias.orth:OrthCali",
-    "joint_text": "fairclip.debias.joint:JointTextHead",
-    "joint_image": "fairclip.debias.joint:JointImageHead",
+    "joint_text": "fairclip.debias.joint_heads:JointTextHead",
+    "joint_image": "fairclip.debias.joint_heads:JointImageHead",
     "head_mean_ablation": "fairclip.debias.head_ablation:HeadMeanAblation",
 }
 

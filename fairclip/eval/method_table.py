@@ -159,11 +159,7 @@ def compare_methods(cfg: DictConfig) -> dict[str, Any]:
     if any(str(m).startswith("joint") for m in cfg.methods):
         leaks = str(selected_on) == str(splits["eval"])
         leak = " (the reported split itself: set splits.select)" if leaks else ""
-        depths = ", ".join(str(k) for k in spec.skew_ks)  # what the heads were scored on
-        table += (
-            f"\n\nJoint heads: epoch selected by ABLE averaged over k = {depths} on "
-            f"{selected_on}{leak}."
-        )
+        table += f"\n\nJoint heads: {_joint_selection(cfg, spec)} on {selected_on}{leak}."
     result = {
         "schema": DEBIAS_TABLE_SCHEMA,
         "model": str(cfg.model.name),
@@ -333,6 +329,18 @@ def _depth_ks(cfg: DictConfig, eval_shards: Any) -> list[int]:
     ks = [int(cfg.table_k), *(int(k) for k in cfg.skew_ks)]
     warn_if_ks_cover_split(ks, eval_shards)
     return sorted(set(ks))
+
+
+def _joint_selection(cfg: DictConfig, spec: Any) -> str:
+    """How the joint heads of the table chose their epoch (the first joint method's setting)."""
+    name = next(str(m) for m in cfg.methods if str(m).startswith("joint"))
+    select = OmegaConf.select(cfg, f"methods.{name}.build.select") or {}
+    every, patience = select.get("every", 2), select.get("patience", 10)
+    if select.get("score", "able") == "able_depths":
+        what = "ABLE averaged over k = " + ", ".join(str(k) for k in spec.skew_ks)
+    else:
+        what = f"ABLE@{spec.skew_ks[0]}"
+    return f"epoch selected by {what} every {every} epochs, patience {patience},"
 
 
 def _selection_split(select: Any, eval_shards: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torchmetrics import MeanMetric
@@ -163,10 +164,13 @@ class FairCLIPModule(L.LightningModule):
             world_size=world,
         )
 
-    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.model.encode_image(batch["image"], normalize=True)
-        text = self.model.encode_text(batch["text"], normalize=True)
-        return image, text
+    def encode(self, batch: dict, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit (image, text) embeddings of ``batch``; the towers' raw outputs with ``raw``."""
+        image = self.model.encode_image(batch["image"])
+        text = self.model.encode_text(batch["text"])
+        if raw:
+            return image, text
+        return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
     def contrastive_loss(
         self, image: torch.Tensor, text: torch.Tensor, loss_fn: torch.nn.Module
@@ -179,8 +183,10 @@ class FairCLIPModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """The contrastive loss; the batch's unit embeddings ride along (detached) so that
-        callbacks such as the SAE's reuse them instead of encoding the batch again."""
-        image, text = self.encode(batch)
+        callbacks such as the SAE's reuse them instead of encoding the batch again (the raw
+        tower outputs too, for the joint heads, which act on un-normalised features)."""
+        raw_image, raw_text = self.encode(batch, raw=True)
+        image, text = F.normalize(raw_image, dim=-1), F.normalize(raw_text, dim=-1)
         loss = self.contrastive_loss(image, text, self.loss_fn)
         bs = image.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -196,7 +202,11 @@ class FairCLIPModule(L.LightningModule):
                 on_epoch=True,
                 sync_dist=True,
             )
-        return {"loss": loss, "embeddings": {"image": image.detach(), "text": text.detach()}}
+        return {
+            "loss": loss,
+            "embeddings": {"image": image.detach(), "text": text.detach()},
+            "raw_embeddings": {"image": raw_image.detach(), "text": raw_text.detach()},
+        }
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # open_clip clamps the temperature after each step: logit_scale <= ln(100).
