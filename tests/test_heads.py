@@ -89,9 +89,11 @@ def test_audit_top_heads_beat_random_control(
         main,
         [f"model.name={demo_run}", f"splits.train={synthetic_dir / 'train'}",
          f"splits.eval={synthetic_dir / 'eval'}", f"hydra.run.dir={out}",
-         "heads.max_samples=600", "heads.random_seeds=[0,1]"],
+         "heads.max_samples=600", "heads.random_seeds=[0,1]", "heads.curve=2",
+         "heads.textspan.top=2", "heads.textspan.n_texts=3"],
     )  # fmt: skip
-    for name in ("head_scores.png", "ablation.md", "ablation.json"):
+    for name in ("head_scores.png", "head_scores_gender.png", "head_scores_age.png",
+                 "ablation_curve.png", "ablation.md", "ablation.json"):  # fmt: skip
         assert (out / name).stat().st_size > 0
     assert exit_value is None  # what the console script exits with: 0
     result = json.loads((out / "ablation.json").read_text())
@@ -109,6 +111,69 @@ def test_audit_top_heads_beat_random_control(
         == rows["random layer-matched (seed 0)"]["heads"][0][0]
     )
     assert len(result["scores"]["projection"]) == 3
+    # every attribute with group prompts is scored; age has three values: a score per value
+    age = result["attributes"]["age"]
+    assert age["values"] == ["young", "middle-aged", "old"]
+    assert torch.tensor(age["per_value"]).shape == (3, *torch.tensor(age["projection"]).shape)
+    assert 0.0 <= min(min(r) for r in age["probe"]) <= max(max(r) for r in age["probe"]) <= 1.0
+    concepts = {"doctor", "nurse", "engineer", "teacher", "pilot", "dancer", "chef", "baker"}
+    assert set(result["per_class"]["original"]) == concepts
+    assert [r["heads"] for r in result["curve"]] == [1, 2]
+    assert "random/cramers_v_eval/gender" in result["curve"][0]
+    described = result["textspan"]
+    assert len(described) == 2 and all(len(d["texts"]) == 3 for d in described)
+    assert all(d["explained"] > d["random_explained"] for d in described)
+    assert "TextSpan descriptions" in (out / "ablation.md").read_text()
+
+
+def _planted(
+    n: int = 240, d: int = 12, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contributions ``[n, 3 layers, 2 heads, d]`` of a three-valued attribute: head (1, 0)
+    writes value v's direction e_v for images of value v, every other head noise."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = torch.arange(n) % 3
+    contrib = 0.1 * torch.randn(n, 3, 2, d, generator=gen)
+    directions = torch.eye(d)[:3]
+    contrib[:, 1, 0] += directions[groups]
+    return contrib, groups, directions
+
+
+def test_three_valued_attribute_gets_per_value_scores_and_a_multinomial_probe() -> None:
+    from fairclip.debias.head_attribution import probe_scores, value_projection_scores
+
+    contrib, groups, directions = _planted()
+    scores = value_projection_scores(contrib, groups, directions)
+    assert scores.shape == (3, 3, 2)
+    for v in range(3):  # the direct formula: |mean over v − mean over the rest| along e_v
+        proj = contrib[..., v]
+        expected = (proj[groups == v].mean(0) - proj[groups != v].mean(0)).abs()
+        torch.testing.assert_close(scores[v], expected)
+        assert top_heads(scores[v], 1) == [(1, 0)]
+    assert scores[0, 1, 0] == pytest.approx(1.0, abs=0.05)  # 1 inside, 0 outside
+    probe = probe_scores(contrib, groups)
+    assert probe[1, 0] > 0.95 and float(probe.flatten()[[0, 1, 3, 4, 5]].max()) < 0.6
+
+
+def test_text_span_finds_the_directions_a_head_writes() -> None:
+    """A head whose contributions are combinations of 3 pool texts: TextSpan picks those 3
+    and their span explains nearly all the variance, far more than 3 random pool entries."""
+    from fairclip.debias.text_span import explained_variance, text_span
+
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.nn.functional.normalize(torch.randn(40, 32, generator=gen), dim=-1)
+    planted = [5, 17, 31]
+    coeffs = torch.randn(500, 3, generator=gen) * torch.tensor([3.0, 2.0, 1.0])
+    contrib = coeffs @ pool[planted] + 0.01 * torch.randn(500, 32, generator=gen) + 4.0
+    chosen = text_span(contrib, pool, n_texts=3, rank=80)
+    assert chosen[0] == 5 and sorted(chosen) == planted  # the strongest direction first
+    explained = explained_variance(contrib, pool[chosen])
+    assert explained > 0.99
+    random = [explained_variance(contrib, pool[torch.randperm(40, generator=gen)[:3]])
+              for _ in range(20)]  # fmt: skip
+    assert max(random) < explained and sum(random) / 20 < 0.5
+    with pytest.raises(ValueError, match="n_texts=41"):
+        text_span(contrib, pool, n_texts=41)
 
 
 def test_head_ablation_saves_and_loads(demo_run: Path, synthetic_dir: Path, tmp_path: Path) -> None:
@@ -184,3 +249,23 @@ def test_decomposition_and_one_head_ablation_at_real_sizes(name: str) -> None:
     factor = (after * before).sum((1, 2)) / (before * before).sum((1, 2))  # least squares
     assert torch.allclose(after, before * factor[:, None, None], rtol=1e-3, atol=1e-6)
     assert float((ablated[:, layer + 1 :] - heads[:, layer + 1 :]).abs().max()) > 1e-4
+    # scoring (three values: per-value + multinomial probe) and TextSpan at this size
+    from fairclip.debias.head_attribution import score_attribute
+    from fairclip.debias.text_span import describe_heads
+
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        contrib, _ = decompose(model.visual, torch.randn(6, 3, 224, 224))
+    attributes = {"age": ["young", "middle-aged", "old"]}
+    prompts = {v: [f"a photo of a {v} person."] for v in attributes["age"]}
+    groups = (torch.arange(6) % 3)[:, None]
+    scores = score_attribute(model, tokenizer, contrib, groups, attributes, "age", prompts)
+    assert scores["per_value"].shape == (3, layers, n_heads)
+    assert scores["probe"].shape == (layers, n_heads)
+    with torch.no_grad():
+        pool = model.encode_text(
+            tokenizer([f"a photo of a {w}." for w in ("dog", "cat", "car", "tree", "face")]),
+            normalize=True,
+        )
+    (described,) = describe_heads(contrib, [(layers - 1, 0)], pool, list("abcde"), n_texts=2)
+    assert len(described.texts) == 2 and 0.0 < described.explained <= 1.0

@@ -160,11 +160,39 @@ def group_direction(
     mean e("a photo of a woman") − mean e("a photo of a man")."""
     if len(prompts) != 2:
         raise ValueError(f"group prompts: expected exactly two values, got {list(prompts)}")
-    a, b = (
+    return value_directions(model, tokenizer, prompts)[0]
+
+
+@torch.no_grad()
+def value_directions(
+    model: Any, tokenizer: Callable, prompts: Mapping[str, Sequence[str]]
+) -> Tensor:
+    """``[values, D]`` one-vs-rest unit text directions: each value's mean prompt embedding
+    minus the mean of the other values' (for two values, ±the group direction)."""
+    if len(prompts) < 2:
+        raise ValueError(f"group prompts: expected two or more values, got {list(prompts)}")
+    means = torch.stack([
         F.normalize(model.encode_text(tokenizer(list(p)), normalize=True).mean(0), dim=-1)
         for p in prompts.values()
-    )
-    return F.normalize(a - b, dim=-1)
+    ])  # fmt: skip
+    n = means.shape[0]
+    rest = (means.sum(0, keepdim=True) - means) / (n - 1)
+    return F.normalize(means - rest, dim=-1)
+
+
+def value_projection_scores(contrib: Tensor, groups: Tensor, directions: Tensor) -> Tensor:
+    """``[values, layers, heads]``: for each value v, |mean of v's images − mean of the other
+    images| of every head's contribution projected on v's one-vs-rest direction. Images of
+    a value absent from ``groups`` give NaN for it."""
+    proj = torch.einsum("nlhd,vd->vnlh", contrib, directions)  # [V, N, L, H]
+    out = []
+    for v in range(directions.shape[0]):
+        inside = groups == v
+        if not bool(inside.any()) or bool(inside.all()):
+            out.append(torch.full(proj.shape[2:], float("nan")))
+            continue
+        out.append((proj[v, inside].mean(0) - proj[v, ~inside].mean(0)).abs())
+    return torch.stack(out)
 
 
 def projection_scores(contrib: Tensor, groups: Tensor, direction: Tensor) -> Tensor:
@@ -178,30 +206,32 @@ def projection_scores(contrib: Tensor, groups: Tensor, direction: Tensor) -> Ten
 def probe_scores(
     contrib: Tensor, groups: Tensor, steps: int = 200, lr: float = 0.05, seed: int = 0
 ) -> Tensor:
-    """``[layers, heads]`` held-out accuracy of a logistic probe per head (all heads fitted at
-    once as one batched model, half the images train, half test)."""
+    """``[layers, heads]`` held-out accuracy of a multinomial logistic probe per head (all
+    heads fitted at once as one batched model; half the images train, half test). Groups are
+    value indices ``0..V-1``; two values give the binary probe."""
     n, layers, heads, d = contrib.shape
+    classes = int(groups.max()) + 1
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     tr, te = perm[: n // 2], perm[n // 2 :]
     x = contrib.permute(1, 2, 0, 3).reshape(layers * heads, n, d).float()
     mu, sd = x[:, tr].mean(1, keepdim=True), x[:, tr].std(1, keepdim=True) + 1e-6
     x = (x - mu) / sd
-    y = groups.float()
-    w = torch.zeros(layers * heads, d, requires_grad=True)
-    b = torch.zeros(layers * heads, 1, requires_grad=True)
+    w = torch.zeros(layers * heads, d, classes, requires_grad=True)
+    b = torch.zeros(layers * heads, 1, classes, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr)
+    y = groups[tr].expand(layers * heads, -1)
     with torch.enable_grad():
         for _ in range(steps):
-            logits = torch.einsum("knd,kd->kn", x[:, tr], w) + b
-            loss = F.binary_cross_entropy_with_logits(logits, y[tr].expand_as(logits))
-            loss = loss + 1e-3 * w.pow(2).sum(1).mean()
+            logits = torch.einsum("knd,kdc->knc", x[:, tr], w) + b
+            loss = F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1))
+            loss = loss + 1e-3 * w.pow(2).sum((1, 2)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        pred = (torch.einsum("knd,kd->kn", x[:, te], w) + b) > 0
-        acc = (pred == y[te].bool()).float().mean(1)
+        pred = (torch.einsum("knd,kdc->knc", x[:, te], w) + b).argmax(-1)
+        acc = (pred == groups[te]).float().mean(1)
     return acc.view(layers, heads)
 
 
@@ -211,6 +241,67 @@ DEFAULT_GROUP_PROMPTS = {"female": ["a photo of a woman."], "male": ["a photo of
 
 
 @torch.no_grad()
+def head_contributions(
+    model: Any,
+    tokenizer: Callable,
+    preprocess: Callable,
+    shards: Any,
+    attributes: Mapping[str, Sequence[str]],
+    concepts: Sequence[str],
+    max_samples: int = 1000,
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Per-head direct contributions ``[N, layers, heads, D]`` of the images of ``shards``
+    and their group labels ``[N, attributes]`` (-1 unlabelled)."""
+    model.eval()
+    contribs, groups = [], []
+    for batch in iter_batches(
+        shards, preprocess, tokenizer, attributes, concepts, batch_size, max_samples
+    ):
+        heads, _ = decompose(model.visual, batch["image"])
+        contribs.append(heads)
+        groups.append(batch["groups"])
+    if not contribs:
+        raise ValueError(f"head contributions: no images in {shards!r}")
+    return torch.cat(contribs), torch.cat(groups)
+
+
+def score_attribute(
+    model: Any,
+    tokenizer: Callable,
+    contrib: Tensor,
+    groups: Tensor,
+    attributes: Mapping[str, Sequence[str]],
+    attribute: str,
+    group_prompts: Mapping[str, Sequence[str]] | None = None,
+    probe: bool = True,
+) -> dict[str, Tensor]:
+    """Head scores of one attribute from :func:`head_contributions`: ``per_value``
+    ``[values, layers, heads]`` (one-vs-rest projection), ``projection`` (their maximum over
+    values; for two values the group gap along the group direction) and ``probe``
+    (multinomial probe accuracy)."""
+    if attribute not in attributes:
+        raise ValueError(f"attribute={attribute!r}: expected one of {list(attributes)}")
+    values = list(attributes[attribute])
+    g = groups[:, list(attributes).index(attribute)]
+    keep = g >= 0
+    contrib, g = contrib[keep], g[keep]
+    if g.unique().numel() < 2:
+        raise ValueError(f"score_heads: the images show fewer than two values of {attribute!r}")
+    prompts = group_prompts or (DEFAULT_GROUP_PROMPTS if attribute == "gender" else None)
+    if prompts is None or list(prompts) != values:
+        raise ValueError(
+            f"group prompts of {attribute!r}: expected one prompt list per value {values}, got "
+            f"{list(prompts) if prompts else None} (prompts.group_prompts.{attribute})"
+        )
+    per_value = value_projection_scores(contrib, g, value_directions(model, tokenizer, prompts))
+    out = {"per_value": per_value, "projection": per_value.nan_to_num(-1.0).amax(0)}
+    if probe:
+        out["probe"] = probe_scores(contrib, g)
+    out["contribution_norm"] = contrib.norm(dim=-1).mean(0)
+    return out
+
+
 def score_heads(
     model: Any,
     tokenizer: Callable,
@@ -224,35 +315,14 @@ def score_heads(
     batch_size: int = 256,
     probe: bool = True,
 ) -> dict[str, Tensor]:
-    """Head scores ``[layers, heads]`` for ``attribute`` on labelled images of ``shards``:
-    ``projection`` (group gap along the text group direction) and ``probe`` (accuracy)."""
-    if attribute not in attributes or len(attributes[attribute]) != 2:
-        raise ValueError(
-            f"attribute={attribute!r}: expected a binary attribute of {dict(attributes)}"
-        )
-    column = list(attributes).index(attribute)
-    model.eval()
-    contribs, groups = [], []
-    for batch in iter_batches(
-        shards, preprocess, tokenizer, attributes, concepts, batch_size, max_samples
-    ):
-        g = batch["groups"][:, column]
-        keep = g >= 0
-        heads, _ = decompose(model.visual, batch["image"][keep])
-        contribs.append(heads)
-        groups.append(g[keep])
-    if not contribs:
-        raise ValueError(f"score_heads: no labelled images in {shards!r}")
-    contrib, group = torch.cat(contribs), torch.cat(groups)
-    if group.unique().numel() < 2:
-        raise ValueError(f"score_heads: {shards!r} shows only one value of {attribute!r}")
-    prompts = group_prompts or DEFAULT_GROUP_PROMPTS
-    direction = group_direction(model, tokenizer, prompts)
-    out = {"projection": projection_scores(contrib, group, direction)}
-    if probe:
-        out["probe"] = probe_scores(contrib, group)
-    out["contribution_norm"] = contrib.norm(dim=-1).mean(0)
-    return out
+    """Head scores ``[layers, heads]`` for ``attribute`` on labelled images of ``shards``
+    (:func:`score_attribute`)."""
+    contrib, groups = head_contributions(
+        model, tokenizer, preprocess, shards, attributes, concepts, max_samples, batch_size
+    )
+    return score_attribute(
+        model, tokenizer, contrib, groups, attributes, attribute, group_prompts, probe
+    )
 
 
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
