@@ -554,21 +554,23 @@ def fairface_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+@pytest.mark.parametrize("mode", ["train_end", "during"])
 def test_fairclip_train_fits_joint_heads_on_label_only_fairface_shards(
-    fairface_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fairface_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
     """`fairclip-train data=fairface callbacks=joint callbacks.joint.swap=[race,gender]`: CLIP
     fine-tunes on captions written from the labels, and the heads are fitted on attribute
-    captions with race and gender counterfactuals, selected on val/ (no concepts there: by
-    exp(-MaxSkew), which the log says)."""
+    captions with race and gender counterfactuals (after training on the frozen model, or
+    stepped on every batch), selected on val/ (no concepts there: by exp(-MaxSkew), which the
+    log says)."""
     from fairclip.training import train
 
     overrides = [
         "experiment=demo", "data=fairface", f"data.train_shards={fairface_shards}/train",
         f"data.val_shards={fairface_shards}/val", "data.num_workers=0", "data.batch_size=48",
-        "trainer.enable_progress_bar=false", "logger=csv", "trainer.max_epochs=1",
-        "trainer.log_every_n_steps=1",
-        "callbacks=joint", "prompts@callbacks.joint.prompts=fairface",
+        "trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1",
+        f"trainer.max_epochs={1 if mode == 'train_end' else 2}", "callbacks=joint",
+        f"callbacks.joint.mode={mode}", "prompts@callbacks.joint.prompts=fairface",
         "callbacks.joint.swap=[race,gender]", "callbacks.joint.epochs=4",
         "callbacks.joint.lr=1e-3", "callbacks.joint.batch_size=64", *FAST,
     ]  # fmt: skip
@@ -580,11 +582,17 @@ def test_fairclip_train_fits_joint_heads_on_label_only_fairface_shards(
     rows = list(csv.DictReader(next(tmp_path.glob("csv/**/metrics.csv")).open()))
     assert [r for r in rows if r.get("train/loss")]  # CLIP trained on the written captions
     history = json.loads((tmp_path / "joint_heads" / "history.json").read_text())
+    loaded = DebiasedCLIP.load(tmp_path / "joint_heads")
+    if mode == "during":  # scored at the last epoch (every 2 epochs), stepped on every batch
+        assert [h["epoch"] for h in history] == [1.0] and 0 < history[0]["score"] <= 1
+        losses = [float(r["joint/loss"]) for r in rows if r.get("joint/loss")]
+        steps = [r for r in rows if r.get("train/loss")]
+        assert len(losses) == len(steps) and all(math.isfinite(v) for v in losses)  # every step
+        return
     assert [h["epoch"] for h in history] == [0.0, 1.0, 2.0, 3.0]
     assert all(h["pairs"] == 240 for h in history)  # every labelled training image
     scored = [h for h in history if "score" in h]
     assert len(scored) == 2 and all(0 < h["score"] <= 1 for h in scored)
-    loaded = DebiasedCLIP.load(tmp_path / "joint_heads")
     torch.manual_seed(0)  # the heads' initialisation in fit_joint_heads (seed 0)
     init = JointHeads(loaded.text[0].config["dim"])
     assert not torch.allclose(loaded.text[0].mlp2[0].weight, init.text.mlp2[0].weight)
