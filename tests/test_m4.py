@@ -205,6 +205,9 @@ def test_empty_group_is_infeasible_with_bound():
     s[:, 1] = np.where(s[:, 1] == 6, 0, s[:, 1])  # race group 6 has no members
     with pytest.raises(M4InfeasibleError, match=r"group 6 of family 1 has 0 of 2000 rows") as err:
         solve_batch(s, y, family_sizes=SIZES, eta=0.4)
+    names = [f"g={i}" for i in range(2)] + [f"race={i}" for i in range(7)]
+    with pytest.raises(M4InfeasibleError, match=r"group race=6 has 0 of 2000 rows"):
+        solve_batch(s, y, family_sizes=SIZES, eta=0.4, group_names=names)
     assert err.value.reason == "capacity"
     assert err.value.rb == pytest.approx(1 / 7)  # share 0 against target 1/7
     assert "RB is >= 0.1429" in str(err.value)
@@ -236,7 +239,7 @@ def test_label_of_one_group_is_infeasible_with_achievable_values():
     msg = str(e)
     assert (
         "Closest attempt" in msg
-        and f"Tightest achievable found: RB={e.rb:.4g}, AB={e.ab:.4g}" in msg
+        and f"reaching RB={e.rb:.4g}, AB={e.ab:.4g} (an upper bound on the tightest" in msg
     )
 
 

@@ -98,7 +98,8 @@ class Annotator:
 
     ``families``: attribute -> values (e.g. from ``data.attributes``). ``group_keywords``:
     attribute -> value -> caption words, used when the JSON lacks the attribute.
-    ``label_fields``: JSON fields whose value is a label (vocabulary ``labels``).
+    ``label_fields``: JSON fields whose value is a label or a list of labels (multi-label;
+    vocabulary ``labels``).
     ``label_keywords``: label -> caption words (labels may come from both).
     """
 
@@ -157,7 +158,7 @@ class Annotator:
                         f"balance.group_keywords.{family}, or filter such samples out first"
                     )
                 groups.append(hits.pop())
-            elif value in values:
+            elif isinstance(value, str) and value in values:
                 groups.append(values.index(value))
             else:
                 raise ValueError(f"{where}: {family}={value!r} is not in the vocabulary {values}")
@@ -166,11 +167,13 @@ class Annotator:
             value = meta.get(field)
             if value is None:
                 continue
-            if value not in self.label_index:
-                raise ValueError(
-                    f"{where}: label field {field}={value!r} is not in balance.labels {self.labels}"
-                )
-            labels.add(self.label_index[value])
+            for item in value if isinstance(value, list) else [value]:  # multi-label fields
+                if not isinstance(item, str | int) or item not in self.label_index:
+                    raise ValueError(
+                        f"{where}: label field {field}={value!r}: {item!r} is not in "
+                        f"balance.labels {self.labels}"
+                    )
+                labels.add(self.label_index[item])
         for word in words:
             labels.update(self.word_to_labels.get(word, ()))
         utility = float(meta.get(self.utility_field, 0.0)) if self.utility_field else 0.0

@@ -16,13 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from fairclip.balance.annotate import Annotations, Annotator, annotate_shards
 from fairclip.balance.apply import balance_report, write_balanced_shards, write_report
 from fairclip.balance.baseline import group_balanced_weights
 from fairclip.balance.m4 import acceptance_weights, sample_mask, solve_batch, solve_streaming
+from fairclip.balance.table import (
+    TableSpec,
+    annotations_from_table,
+    as_arrow,
+    read_table,
+    write_keep_list,
+)
 from fairclip.data.shards import list_shards
+from fairclip.runtime import CONF_DIR
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "m4", "group")
@@ -72,7 +81,7 @@ def compute_weights(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, dict
         result = solve_batch(
             ann.s, ann.y, num_labels=len(ann.labels), eps_r=cfg.eps_r, eps_d=cfg.eps_d,
             utility=ann.utility, utility_weight=cfg.utility_weight, association=cfg.association,
-            **common,
+            group_names=ann.group_names(), **common,
         )  # fmt: skip
         return result.q, result.summary()
     if cfg.solver == "streaming":
@@ -169,17 +178,8 @@ def _balance(cfg: DictConfig, input_spec: Any, out: Path) -> None:
     ann = annotate_shards(shards, annotator)
     folder = report_dir(out)
     ann.save(folder / "annotations.parquet")
-    start = time.perf_counter()
-    q, diagnostics = compute_weights(cfg, ann)
-    keep = sample_mask(q, cfg.seed)
-    extra = {
-        "method": cfg.method,
-        "settings": OmegaConf.to_container(cfg, resolve=True),
-        "solve_seconds": round(time.perf_counter() - start, 3),
-        "solver": diagnostics,
-        "output": str(out),
-    }
-    report = balance_report(ann, q, keep, _targets(cfg, ann), extra)
+    q, keep, report = _solve_and_select(cfg, ann)
+    report["output"] = str(out)
     write_report(report, folder)
     write_balanced_shards(ann, keep, out, cfg.shard_size)
     log.info("balanced %d -> %d samples into %s (report: %s)", len(keep), keep.sum(), out, folder)
@@ -190,12 +190,104 @@ def report_dir(out: Path) -> Path:
     return out.with_name(out.name + "_report")
 
 
-def summarize_balance(out: Path) -> str:
-    """The lines ``fairclip-balance`` prints: where the shards and report are, RB/AB, kept."""
-    folder = report_dir(out)
+def summarize_balance(out: Path, folder: Path | None = None) -> str:
+    """The lines ``fairclip-balance`` prints: where the output and report are, the RB/AB of
+    the data before, of the weights and of the sample kept, and how many rows were kept."""
+    folder = report_dir(out) if folder is None else folder
     report = json.loads((folder / "balance_report.json").read_text())
-    lines = [f"balanced shards: {out}", f"report: {folder}/balance_report.md"]
+    lines = [f"balanced: {report.get('output', out)}", f"report: {folder}/balance_report.md"]
     for name, bias in report["data_bias"].items():
         lines.append(f"  {name:15s} RB={bias['rb']:.4f} AB={bias['ab']:.4f}")
     lines.append(f"  kept {report['kept']}/{report['rows']} ({report['kept_fraction']:.3f})")
     return "\n".join(lines)
+
+
+# -- tables in, keep lists out ----------------------------------------------------------------
+
+KEEP_FILE = "keep.parquet"
+TABLE_SUFFIXES = (".parquet", ".csv")
+# balance settings that describe shards, not a table's M4 problem
+_SHARD_KEYS = ("attributes", "labels", "label_fields", "label_keywords", "group_keywords",
+               "utility_field", "shard_size")  # fmt: skip
+
+
+def is_table(input_spec: Any) -> bool:
+    """A parquet or CSV file, or a folder of parquet parts (not a shard folder)."""
+    if not isinstance(input_spec, str | Path):
+        return False
+    p = Path(input_spec)
+    if p.suffix.lower() in TABLE_SUFFIXES:
+        return True
+    return p.is_dir() and any(p.glob("*.parquet")) and not (p / "sizes.json").exists()
+
+
+def method_settings(**overrides: Any) -> DictConfig:
+    """The ``balance=m4`` settings of conf/balance/m4.yaml (one set of defaults for the CLI
+    and the Python API) with ``overrides``."""
+    raw = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "balance" / "m4.yaml"))
+    base = OmegaConf.create({k: v for k, v in raw.items() if k not in _SHARD_KEYS})
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise ValueError(f"balance settings: unknown {sorted(unknown)}, expected {sorted(base)}")
+    return OmegaConf.merge(base, overrides)
+
+
+def _solve_and_select(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, np.ndarray, dict]:
+    start = time.perf_counter()
+    q, diagnostics = compute_weights(cfg, ann)
+    keep = sample_mask(q, cfg.seed)
+    extra = {
+        "method": cfg.method,
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+        "solve_seconds": round(time.perf_counter() - start, 3),
+        "solver": diagnostics,
+    }
+    return q, keep, balance_report(ann, q, keep, _targets(cfg, ann), extra)
+
+
+def balance_table(table: Any, spec: TableSpec | dict, **settings: Any) -> tuple[pa.Table, dict]:
+    """Balance an annotation table (pyarrow, pandas or polars) in Python: the keep list
+    (``key, q, keep``) and the report. ``settings`` are ``balance.*`` keys (``eta``,
+    ``eps_r``, ``eps_d``, ``solver``, ...), with the CLI's defaults."""
+    spec = spec if isinstance(spec, TableSpec) else TableSpec.from_config(spec)
+    cfg = _checked(method_settings(**settings))
+    ann = annotations_from_table(as_arrow(table), spec)
+    q, keep, report = _solve_and_select(cfg, ann)
+    keep_table = pa.table({"key": pa.array(list(ann.keys), pa.string()), "q": q, "keep": keep})
+    return keep_table, report
+
+
+def balance_table_file(cfg: DictConfig, input_spec: Any, table_cfg: Any) -> Path:
+    """``fairclip-balance input=<table>``: write ``keep.parquet`` and the report into the
+    output folder (``balance.output``, else ``<table>_<method>-<settings hash>`` beside it)
+    and return it; an existing output with the same settings is reused."""
+    if table_cfg is None:
+        raise ValueError(
+            f"input={input_spec!r} is a table: set table.key, table.attributes and table.labels "
+            "(conf/balance.yaml)"
+        )
+    raw = (
+        OmegaConf.to_container(table_cfg, resolve=True)
+        if OmegaConf.is_config(table_cfg)
+        else table_cfg
+    )
+    spec = TableSpec.from_config(raw, "table")
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                if k not in _SHARD_KEYS}  # fmt: skip
+    method = _checked(OmegaConf.create({**settings, "table": raw}))
+    src = Path(input_spec)
+    out = Path(cfg.output) if cfg.get("output") else src.with_name(
+        f"{src.stem}_{cfg.method}-{settings_hash(method)}"
+    )  # fmt: skip
+    if (out / KEEP_FILE).is_file():
+        log.info("reusing the keep list in %s", out)
+        return out
+    columns = [spec.key, *spec.attributes, *spec.labels] + ([spec.utility] if spec.utility else [])
+    ann = annotations_from_table(read_table(src, columns), spec, where=str(src))
+    method.pop("table")
+    q, keep, report = _solve_and_select(method, ann)
+    report["output"] = str(out / KEEP_FILE)
+    write_report(report, out)
+    write_keep_list(out / KEEP_FILE, ann.keys, q, keep, {"settings": report["settings"]})
+    log.info("balanced %d -> %d rows: %s", len(keep), int(keep.sum()), out / KEEP_FILE)
+    return out

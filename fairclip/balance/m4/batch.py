@@ -3,6 +3,7 @@ infeasibility certificate and the conditional re-centring rounds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,9 @@ import scipy.optimize as so
 
 from fairclip.balance.m4.problem import (
     _B_FLOOR,
+    DEFAULT_EPS_D,
+    DEFAULT_EPS_R,
+    DEFAULT_ETA,
     Association,
     M4Duals,
     M4InfeasibleError,
@@ -224,15 +228,16 @@ def solve_batch(
     family_sizes: Sequence[int],
     num_labels: int | None = None,
     targets: Any = None,
-    eta: float = 0.9,
-    eps_r: float = 0.01,
-    eps_d: float = 0.01,
+    eta: float = DEFAULT_ETA,
+    eps_r: float = DEFAULT_EPS_R,
+    eps_d: float = DEFAULT_EPS_D,
     utility: Any = None,
     utility_weight: float = 0.0,
     association: Association = "conditional",
     tol: float = 1e-3,
     max_iter: int = 1000,
     diagnose: bool = True,
+    group_names: Sequence[str] | None = None,
 ) -> M4Result:
     """Exact batch M4: acceptance weights ``q`` ``[N]`` meeting data RB <= ``eps_r`` and
     AB <= ``eps_d`` at kept fraction ``mean(q) = eta``.
@@ -242,6 +247,8 @@ def solve_batch(
     ``pi`` (uniform by default), ``utility`` ``u`` ``[N]`` rewarded with weight ``V``.
     ``tol`` is the relative constraint / duality-gap tolerance and ``max_iter`` the budget of
     dual evaluations (two sparse mat-vecs each) over all centring rounds.
+
+    ``group_names`` (``"gender=female"``, one per group column) name the groups in errors.
 
     Raises :class:`M4InfeasibleError` (with the tightest RB/AB reached and, if ``diagnose``,
     the loosest-needed ``eps`` found by re-solving with relaxed tolerances) instead of
@@ -265,7 +272,7 @@ def solve_batch(
     with _single_blas_thread():
         return _solve_design(
             design, groups, pi, sizes, eta, (eps_r, eps_d), shift, utility_weight, association,
-            tol, max_iter, diagnose, before,
+            tol, max_iter, diagnose, before, group_names,
         )  # fmt: skip
 
 
@@ -283,6 +290,7 @@ def _solve_design(
     max_iter: int,
     diagnose: bool,
     before: BiasStats,
+    group_names: Sequence[str] | None = None,
 ) -> M4Result:
     """Centring rounds of L-BFGS-B on a built design, then checks and diagnosis."""
     eps_r, eps_d = eps
@@ -308,11 +316,14 @@ def _solve_design(
         local = k - int(group_offsets(sizes)[f])
         share = n_k / n
         if share < pi[k]:
-            fix = f"eta <= {share / max(pi[k] - eps_r, 1e-12):.4g}"
+            largest = share / max(pi[k] - eps_r, 1e-12)
         else:
-            fix = f"eta <= {(1 - share) / max(1 - pi[k] - eps_r, 1e-12):.4g}"
+            largest = (1 - share) / max(1 - pi[k] - eps_r, 1e-12)
+        # rounded down, so that the suggested eta itself passes
+        fix = f"eta <= {math.floor(largest * 1e4) / 1e4:.4f}"
+        group = group_names[k] if group_names is not None else f"{local} of family {f}"
         raise M4InfeasibleError(
-            f"M4 infeasible: group {local} of family {f} has {int(n_k)} of {n} rows "
+            f"M4 infeasible: group {group} has {int(n_k)} of {n} rows "
             f"(share {share:.4g}, target {pi[k]:.4g}); at eta={eta} the tightest achievable "
             f"RB is >= {bound:.4g} > eps_r={eps_r}. Use {fix}, change the targets, or loosen "
             "eps_r.",
@@ -411,9 +422,9 @@ def _solve_design(
     if relaxed is not None and relaxed_eps is not None:
         achievable = relaxed.reached
         msg += (
-            f" Tightest achievable found: RB={achievable[0]:.4g}, {ab_name}={achievable[1]:.4g} "
-            f"(solved with eps_r={relaxed_eps[0]:.4g}, eps_d={relaxed_eps[1]:.4g}; "
-            "the fallback is on this error's .relaxed)."
+            f" It solves with eps_r={relaxed_eps[0]:.4g}, eps_d={relaxed_eps[1]:.4g}, reaching "
+            f"RB={achievable[0]:.4g}, {ab_name}={achievable[1]:.4g} (an upper bound on the "
+            "tightest achievable; from Python, those weights are the error's .relaxed)."
         )
     msg += " Lower eta, loosen eps, or drop the offending labels/groups."
     raise M4InfeasibleError(

@@ -22,6 +22,11 @@ from fairclip.balance.stats import (
 Association = Literal["conditional", "moment"]
 Chunk = tuple[Any, Any] | tuple[Any, Any, Any]
 
+# the defaults of solve_batch, solve_streaming and conf/balance/m4.yaml (one set: tested)
+DEFAULT_ETA = 0.9
+DEFAULT_EPS_R = 0.02
+DEFAULT_EPS_D = 0.03
+
 _B_FLOOR = 1e-12  # bound below which a constraint counts as an equality (size-1 families)
 
 

@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 
 from fairclip.balance.m4.problem import (
+    DEFAULT_EPS_D,
+    DEFAULT_EPS_R,
+    DEFAULT_ETA,
     Association,
     Chunk,
     M4Duals,
@@ -50,9 +53,9 @@ def solve_streaming(
     family_sizes: Sequence[int],
     num_labels: int,
     targets: Any = None,
-    eta: float = 0.9,
-    eps_r: float = 0.01,
-    eps_d: float = 0.01,
+    eta: float = DEFAULT_ETA,
+    eps_r: float = DEFAULT_EPS_R,
+    eps_d: float = DEFAULT_EPS_D,
     utility_weight: float = 0.0,
     association: Association = "conditional",
     batch_size: int = 256,
