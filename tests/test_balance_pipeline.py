@@ -114,7 +114,7 @@ def test_infeasible_missing_and_unknown_inputs_are_clear_errors(
     )
     with pytest.raises(ValueError, match=r"x.tar: sample 'k'.*attribute 'gender' missing"):
         annotator({"concept": "doctor"}, "a photo of a doctor", "x.tar: sample 'k'")
-    with pytest.raises(ValueError, match=r"concept='pirate' is not in balance.labels"):
+    with pytest.raises(ValueError, match=r"concept='pirate': 'pirate' is not in balance.labels"):
         annotator({"gender": "male", "concept": "pirate"}, "", "x.tar: sample 'k'")
     with pytest.raises(ValueError, match=r"balance.group_keywords.gender: unknown value 'robot'"):
         Annotator(

@@ -18,8 +18,9 @@ from fairclip.balance.m4 import solve_batch, solve_streaming
 from fairclip.balance.m4.problem import DEFAULT_EPS_D, DEFAULT_EPS_R, DEFAULT_ETA
 from fairclip.balance.pipeline import balance_table
 from fairclip.balance.stats import data_bias, planted_annotations
-from fairclip.balance.table import TableSpec, annotations_from_table, read_keep_list
+from fairclip.balance.table import TableSpec, annotations_from_table
 from fairclip.cli.balance import main as balance_main
+from fairclip.data.keep import read_keep_list
 from fairclip.runtime import CONF_DIR
 from tests.conftest import run_app
 
@@ -175,3 +176,74 @@ def test_the_suggested_largest_eta_passes() -> None:
     eta = float(re.search(r"Use eta <= ([0-9.]+)", str(err.value)).group(1))
     keep, _ = balance_table(df, SPEC, eta=eta, eps_d=0.2)
     assert keep["q"].to_numpy().mean() == pytest.approx(eta)
+
+
+# -- training on a keep list ------------------------------------------------------------------
+def _shard_table(train: Path) -> pd.DataFrame:
+    """The annotation table of the synthetic train shards (key, gender, concept)."""
+    from fairclip.data.shards import iter_members
+
+    rows = [{"key": key, **json.loads(raw)} for _, key, raw in iter_members(train, "json")]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def keep_list(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set]:
+    """A keep list of the synthetic train shards made by balance_table (gender x concept)."""
+    from fairclip.balance.table import write_keep_list
+
+    table = _shard_table(synthetic_dir / "train")
+    spec = {"key": "key", "attributes": {"gender": None}, "labels": ["concept"]}
+    keep, _ = balance_table(table, spec, eta=0.5, eps_d=0.3)
+    path = tmp_path_factory.mktemp("keep") / "keep.parquet"
+    keys = keep.column("key").to_numpy(zero_copy_only=False)
+    mask = keep.column("keep").to_numpy()
+    write_keep_list(path, keys, keep.column("q").to_numpy(), mask)
+    return path, set(keys[mask])
+
+
+def test_data_keep_trains_on_exactly_the_kept_keys(
+    synthetic_dir: Path, keep_list: tuple[Path, set], tmp_path: Path
+) -> None:
+    from fairclip.training import train
+    from tests.conftest import compose_train, small_run_overrides
+
+    path, kept = keep_list
+    cfg = compose_train(small_run_overrides(
+        synthetic_dir, "callbacks=audit", f"data.keep={path}", "trainer.max_epochs=2",
+        "trainer.limit_val_batches=0", "data.num_workers=2",
+    ), tmp_path)  # fmt: skip
+    train(cfg)
+    for epoch in (0, 1):
+        seen = (tmp_path / "seen_keys" / f"rank0-epoch{epoch}.txt").read_text().split()
+        assert set(seen) <= kept and len(seen) == len(set(seen))  # only kept, none twice
+        assert len(seen) > 0.75 * len(kept)  # the epoch plan's share of the kept samples
+
+
+def test_keep_list_for_other_shards_is_an_error(synthetic_dir: Path, tmp_path: Path) -> None:
+    from fairclip.balance.table import write_keep_list
+    from fairclip.data.keep import kept_shards, read_keep_list
+    from fairclip.data.shards import list_shards
+
+    path = write_keep_list(tmp_path / "k.parquet", np.array(["nope_1", "nope_2"], dtype=object),
+                           np.ones(2), np.ones(2, bool))  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.keep: 2 of its 2 kept keys are in none of the 16"):
+        kept_shards(list_shards(synthetic_dir / "train"), read_keep_list(path))
+    with pytest.raises(FileNotFoundError, match=r"data.keep='/nope.parquet': no keep list"):
+        read_keep_list("/nope.parquet")
+
+
+@pytest.mark.slow  # a 2-process DDP fit
+def test_data_keep_under_two_process_ddp(
+    synthetic_dir: Path, keep_list: tuple[Path, set], tmp_path: Path
+) -> None:
+    from tests.conftest import run_train_process
+
+    path, kept = keep_list
+    out = tmp_path / "ddp_keep"
+    run_train_process(synthetic_dir, out, tmp_path, "trainer=ddp_cpu", "callbacks=audit",
+                      f"data.keep={path}", "trainer.max_epochs=1", "trainer.limit_val_batches=0")  # fmt: skip
+    seen = [(out / "seen_keys" / f"rank{r}-epoch0.txt").read_text().split() for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) > 0  # equal steps on both ranks
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) <= kept

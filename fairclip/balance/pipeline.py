@@ -1,7 +1,8 @@
 """Balancing shards for ``fairclip-balance`` and the ``balance=`` group of ``fairclip-train``.
 
-annotate (one pass, txt+json) -> weights (M4, group-balanced baseline) -> deterministic keep
-mask (seeded Bernoulli) -> balanced shards + report. The output folder name carries a hash of
+annotate (one pass, txt+json) -> weights (M4, group-balanced baseline) -> seeded selection
+(the cube method, which keeps the weights' balance, or Bernoulli) -> balanced shards or a keep
+list + report. The output folder name carries a hash of
 the balance settings, so changing a setting never silently reuses stale shards, and rerunning
 with the same settings reuses them.
 """
@@ -22,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from fairclip.balance.annotate import Annotations, Annotator, annotate_shards
 from fairclip.balance.apply import balance_report, write_balanced_shards, write_report
 from fairclip.balance.baseline import group_balanced_weights
-from fairclip.balance.m4 import acceptance_weights, sample_mask, solve_batch, solve_streaming
+from fairclip.balance.m4 import (
+    M4InfeasibleError,
+    acceptance_weights,
+    solve_batch,
+    solve_streaming,
+)
+from fairclip.balance.selection import SELECTIONS, select
 from fairclip.balance.table import (
     TableSpec,
     annotations_from_table,
@@ -71,18 +78,37 @@ def _targets(cfg: DictConfig, ann: Annotations) -> np.ndarray | None:
     return np.asarray(shares)
 
 
+def solver_tolerances(cfg: DictConfig) -> tuple[float, float]:
+    """``(eps_r, eps_d)`` the weights are solved at: the configured ones, less the cube
+    selection's margin (the rows its landing rounds without balance)."""
+    margin = float(cfg.get("selection_margin", 0.0)) if cfg.get("selection") == "cube" else 0.0
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"balance.selection_margin={margin}: expected a value in [0, 1)")
+    return float(cfg.eps_r) * (1 - margin), float(cfg.eps_d) * (1 - margin)
+
+
 def compute_weights(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, dict]:
     """Acceptance probabilities ``q`` for the configured method, and solver diagnostics."""
     targets = _targets(cfg, ann)
     common = {"family_sizes": ann.family_sizes, "targets": targets, "eta": cfg.eta}
+    eps_r, eps_d = solver_tolerances(cfg)
     if cfg.method == "group":
         return group_balanced_weights(ann.s, **common), {}
     if cfg.solver == "batch":
-        result = solve_batch(
-            ann.s, ann.y, num_labels=len(ann.labels), eps_r=cfg.eps_r, eps_d=cfg.eps_d,
-            utility=ann.utility, utility_weight=cfg.utility_weight, association=cfg.association,
-            group_names=ann.group_names(), **common,
-        )  # fmt: skip
+        try:
+            result = solve_batch(
+                ann.s, ann.y, num_labels=len(ann.labels), eps_r=eps_r, eps_d=eps_d,
+                utility=ann.utility, utility_weight=cfg.utility_weight,
+                association=cfg.association, group_names=ann.group_names(), **common,
+            )  # fmt: skip
+        except M4InfeasibleError as err:
+            if eps_r < float(cfg.eps_r):  # say why the tolerances are not the configured ones
+                err.args = (
+                    f"{err} (The weights are solved at balance.eps_r/eps_d x (1 - "
+                    f"balance.selection_margin={cfg.selection_margin}), room for the cube "
+                    "selection.)",
+                )
+            raise
         return result.q, result.summary()
     if cfg.solver == "streaming":
         chunk = int(cfg.stream_chunk)
@@ -90,7 +116,7 @@ def compute_weights(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, dict
             (ann.s[i : i + chunk], ann.y[i : i + chunk]) for i in range(0, len(ann.keys), chunk)
         ]
         duals = solve_streaming(
-            chunks, num_labels=len(ann.labels), eps_r=cfg.eps_r, eps_d=cfg.eps_d,
+            chunks, num_labels=len(ann.labels), eps_r=eps_r, eps_d=eps_d,
             association=cfg.association, epochs=cfg.stream_epochs, seed=cfg.seed, **common,
         )  # fmt: skip
         return acceptance_weights(duals, ann.s, ann.y), {"steps": duals.steps}
@@ -144,6 +170,8 @@ class ShardBalancer:
 def _checked(cfg: DictConfig) -> DictConfig:
     if cfg.method not in METHODS:
         raise ValueError(f"balance.method={cfg.method!r}: expected one of {METHODS}")
+    if cfg.get("selection", "cube") not in SELECTIONS:
+        raise ValueError(f"balance.selection={cfg.selection!r}: expected one of {SELECTIONS}")
     return cfg
 
 
@@ -235,7 +263,8 @@ def method_settings(**overrides: Any) -> DictConfig:
 def _solve_and_select(cfg: DictConfig, ann: Annotations) -> tuple[np.ndarray, np.ndarray, dict]:
     start = time.perf_counter()
     q, diagnostics = compute_weights(cfg, ann)
-    keep = sample_mask(q, cfg.seed)
+    keep = select(q, ann.s, ann.y, ann.family_sizes, int(cfg.seed), str(cfg.selection),
+                  int(cfg.selection_cells))  # fmt: skip
     extra = {
         "method": cfg.method,
         "settings": OmegaConf.to_container(cfg, resolve=True),

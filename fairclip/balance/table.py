@@ -228,17 +228,3 @@ def write_keep_list(path: str | Path, keys: np.ndarray, q: np.ndarray, keep: np.
     pq.write_table(table, tmp)
     tmp.replace(path)
     return path
-
-
-def read_keep_list(path: str | Path, where: str = "data.keep") -> set[str]:
-    """The kept keys of a keep list."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{where}={str(path)!r}: no keep list there")
-    table = pq.read_table(p)
-    if not {"key", "keep"} <= set(table.column_names):
-        raise ValueError(
-            f"{where}={str(path)!r}: expected columns key, keep (a fairclip keep list)"
-        )
-    keys = table.column("key").filter(table.column("keep"))
-    return set(keys.to_pylist())

@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from fairclip.data.attribute_captions import AttributeCaptions
+from fairclip.data.keep import kept_shards, read_keep_list
 from fairclip.data.samples import Collate, SampleDecoder
 from fairclip.data.shards import list_shards
 from fairclip.data.stream import ShardStream, stream_loader
@@ -58,6 +59,7 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
         balancer: TrainShardBalancer | None = None,
         captions: Mapping[str, Any] | None = None,
+        keep: str | None = None,
     ) -> None:
         super().__init__()
         self.balancer = balancer
@@ -89,6 +91,7 @@ class ShardDataModule(L.LightningDataModule):
             if captions is None
             else AttributeCaptions.from_config(captions, self.attributes, "data.captions")
         )
+        self.keep = keep  # a keep list (fairclip-balance): train on its kept keys only
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self.resume_state: dict[str, Any] | None = None  # from a mid-epoch checkpoint
@@ -109,8 +112,13 @@ class ShardDataModule(L.LightningDataModule):
         )
         if not train:  # validation runs only after the first epoch: check its labels now
             decode.check_labels(spec, key)
+        shards, keep = list_shards(spec, key), None
+        if train and self.keep is not None:
+            keep = read_keep_list(self.keep)
+            shards = kept_shards(shards, keep)
+            log.info("data.keep: training on %d kept samples of %s", len(keep), spec)
         return ShardStream(
-            list_shards(spec, key),
+            shards,
             decode,
             Collate(self.tokenizer),
             self.batch_size if train else self.val_batch_size,
@@ -121,6 +129,7 @@ class ShardDataModule(L.LightningDataModule):
             samples_per_epoch=self.samples_per_epoch,
             shuffle_buffer=self.shuffle_buffer,
             config_key=key,
+            keep=keep,
         )
 
     def prepare_data(self) -> None:

@@ -76,6 +76,7 @@ class ShardStream(IterableDataset):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         config_key: str = "data",
+        keep: frozenset[str] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"{config_key}.batch_size={batch_size}: expected a positive integer")
@@ -85,6 +86,7 @@ class ShardStream(IterableDataset):
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.config_key = config_key
+        self.keep = keep  # data.keep: the shards' sizes are their kept counts
         self.rank, self.world_size, self.epoch = 0, 1, 0
         self.sizes = np.array([s.size for s in shards], dtype=np.int64)
         self.resume_point: tuple[int, int] | None = None  # (epoch, batches already trained)
@@ -115,6 +117,7 @@ class ShardStream(IterableDataset):
             "resampled": self.resampled,
             "samples_per_epoch": self.samples_per_epoch,
             "shuffle_buffer": self.shuffle_buffer,
+            "keep": None if self.keep is None else len(self.keep),
         }
 
     def resume(self, epoch: int, batches: int) -> None:
@@ -223,7 +226,12 @@ class ShardStream(IterableDataset):
 
     def _read(self, indices: list[int]) -> Iterator[dict]:
         urls = [{"url": self.shards[i].url} for i in indices]
-        yield from wds.tarfile_to_samples(handler=self._tar_error)(iter(urls))
+        samples = wds.tarfile_to_samples(handler=self._tar_error)(iter(urls))
+        if self.keep is None:
+            yield from samples
+        else:  # a sample off the keep list is dropped before it is decoded
+            keep = self.keep
+            yield from (sample for sample in samples if sample["__key__"] in keep)
 
     def _shard_samples(self, indices: list[int], worker: int, repeat: bool) -> Iterator[dict]:
         samples = self._read(indices)
